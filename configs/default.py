@@ -1,0 +1,26 @@
+"""The quickstart: a small LLaMA-style model on the Python standard library, ~8 minutes on 2 CPU
+cores."""
+
+from lmjax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.steps = 600
+  c.batch_size = 16
+  c.seq_len = 256
+  c.log_every = 20
+  c.eval_every = 200
+  c.eval_batches = 8
+  c.checkpoint_every = 200
+  c.model.vocab_size = 8192
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4
+  c.model.mlp_dim = 704
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 50
+  c.sample.prompt = 'def parse_args('
+  c.sample.max_new_tokens = 160
+  return c

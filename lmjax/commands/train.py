@@ -1,0 +1,28 @@
+"""`lmjax train`: train a model, or resume the run in the workdir."""
+
+from __future__ import annotations
+
+from lmjax.commands.common import add_config_arguments, config_from_args
+
+
+def add_arguments(parser) -> None:
+  add_config_arguments(parser)
+  parser.add_argument('--workdir', required=True, help='run directory; re-running resumes it')
+  parser.add_argument('--no_sample', action='store_true',
+                      help='skip printing a sample after training')
+
+
+def run(args) -> int:
+  config = config_from_args(args)
+  from lmjax.train.loop import train  # pylint: disable=g-import-not-at-top
+  summary = train(config, args.workdir)
+  if not summary['finished']:
+    print(f'stopped at step {summary["step"]}; checkpoint saved, re-run the command to resume')
+    return 0
+  print(f'finished step {summary["step"]}: train loss {summary["train_loss"]:.4f}, '
+        f'eval loss {summary["eval_loss"] if summary["eval_loss"] is None else round(summary["eval_loss"], 4)}')
+  if not args.no_sample:
+    from lmjax.commands.sample import sample_text  # pylint: disable=g-import-not-at-top
+    print('--- sample ---')
+    print(config.sample.prompt + sample_text(args.workdir, config, [config.sample.prompt])[0])
+  return 0

@@ -1,0 +1,288 @@
+"""Config schema, command-line overrides and validation.
+
+Every config file in `configs/` starts from `base_config()` and changes values; it may not add keys.
+`apply_overrides` parses `--config.KEY=VALUE` strings with the type of the existing value, and
+`validate` checks cross-field consistency. Both raise `ConfigError` with a one-line message that
+names the offending key, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A bad config key or value; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults. Config files override values, never add keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 1000
+  c.batch_size = 8  # global sequences per optimizer step
+  c.seq_len = 256
+  c.grad_accum_steps = 1
+  c.log_every = 10
+  c.eval_every = 200
+  c.eval_batches = 8
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 3
+  c.init_from = ''  # a workdir or checkpoint directory to start the params from
+  c.max_nonfinite_in_a_row = 10
+  c.spike_sigmas = 0.0  # skip the update when loss > mean + k * std of recent losses; 0 = off
+  c.spike_window = 100  # steps in the running loss statistics
+  c.z_loss = 0.0
+  c.progress_bar = True
+
+  c.model = ml_collections.ConfigDict()
+  m = c.model
+  m.vocab_size = 8192
+  m.num_layers = 4
+  m.d_model = 256
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.head_dim = 0  # 0 = d_model // num_heads
+  m.mlp_dim = 704
+  m.max_seq_len = 2048
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.tie_embeddings = False
+  m.sliding_window = 0  # 0 = full causal attention
+  m.attention = 'xla'  # xla | pallas | cudnn
+  m.scan_layers = False
+  m.remat = 'none'  # none | full | dots | dots_saveable | minimal
+  m.dtype = 'auto'  # compute dtype: auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16
+  m.param_dtype = 'float32'
+  m.init_std = 0.02
+
+  c.optimizer = ml_collections.ConfigDict()
+  o = c.optimizer
+  o.name = 'adamw'  # adamw | adafactor | lion | sgd
+  o.learning_rate = 3e-3
+  o.schedule = 'cosine'  # cosine | linear | wsd | constant
+  o.warmup_steps = 100
+  o.decay_fraction = 0.2  # wsd: fraction of steps spent decaying
+  o.final_lr_fraction = 0.1
+  o.weight_decay = 0.1
+  o.decay_embeddings = False
+  o.grad_clip = 1.0  # global-norm clipping; 0 = off
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+
+  c.data = ml_collections.ConfigDict()
+  d = c.data
+  d.source = 'stdlib'  # stdlib | a glob of text files | a .jsonl path; mixtures: 'SRC@W,SRC@W'
+  d.text_field = 'text'
+  d.tokenizer = ''  # a SentencePiece model path; empty = train one on the corpus (cached)
+  d.eval_fraction = 0.02
+  d.on_bad_input = 'error'  # error | skip
+  d.num_workers = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  for axis in ('data', 'fsdp', 'tensor', 'pipeline'):
+    c.mesh[axis] = -1 if axis == 'data' else 1
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = 'def '
+  c.sample.max_new_tokens = 128
+  c.sample.temperature = 0.0
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+  return c
+
+
+_CHOICES = {
+    'model.attention': ('xla', 'pallas', 'cudnn'),
+    'model.remat': ('none', 'full', 'dots', 'dots_saveable', 'minimal'),
+    'model.dtype': ('auto', 'float32', 'bfloat16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'optimizer.name': ('adamw', 'adafactor', 'lion', 'sgd'),
+    'optimizer.schedule': ('cosine', 'linear', 'wsd', 'constant'),
+    'data.on_bad_input': ('error', 'skip'),
+}
+_POSITIVE = ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every', 'eval_every',
+             'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_in_a_row', 'model.vocab_size',
+             'model.num_layers', 'model.d_model', 'model.num_heads', 'model.num_kv_heads',
+             'model.mlp_dim', 'model.max_seq_len', 'spike_window')
+_NON_NEGATIVE = ('eval_batches', 'model.head_dim', 'model.sliding_window', 'optimizer.warmup_steps',
+                 'optimizer.learning_rate', 'optimizer.weight_decay', 'optimizer.grad_clip',
+                 'spike_sigmas', 'z_loss', 'sample.max_new_tokens', 'sample.top_k',
+                 'sample.temperature')
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file (a path, or a preset name such as `tiny`)."""
+  if not os.path.exists(path):
+    preset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                          f'{path}.py')
+    if not os.path.exists(preset):
+      raise ConfigError(f'--config: no such config file or preset: {path!r}')
+    path = preset
+  spec = importlib.util.spec_from_file_location('_lmjax_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  check_schema(config)
+  return config
+
+
+def check_schema(config: ml_collections.ConfigDict) -> None:
+  """Every key of `config` exists in the schema with a value of the schema's type."""
+  _check_against(base_config(), config, prefix='')
+
+
+def _check_against(schema, config, prefix):
+  for key, value in config.items():
+    name = prefix + key
+    if key not in schema:
+      raise ConfigError(f'{name}: unknown config key')
+    expected = schema[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f'{name}: expected a group of keys, got {value!r}')
+      _check_against(expected, value, name + '.')
+    else:
+      config[key] = _coerce(name, value, type(expected))
+
+
+def _coerce(name, value, expected_type):
+  if isinstance(value, expected_type) and not (expected_type is int and isinstance(value, bool)):
+    return value
+  if expected_type is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  raise ConfigError(f'{name}: expected {expected_type.__name__}, got {value!r}')
+
+
+def _parse_value(name, text, expected_type):
+  if expected_type is str:
+    return text
+  if expected_type is bool:
+    if text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+    raise ConfigError(f'{name}: expected bool, got {text!r}')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f'{name}: expected {expected_type.__name__}, got {text!r}') from None
+  return _coerce(name, value, expected_type)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """Applies `KEY=VALUE` strings (`model.d_model=512`) in place, typed by the schema."""
+  for item in overrides:
+    if '=' not in item:
+      raise ConfigError(f'{item}: an override must look like --config.KEY=VALUE')
+    name, text = item.split('=', 1)
+    *parents, leaf = name.split('.')
+    node = config
+    for i, part in enumerate(parents):
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ConfigError(f'{".".join(parents[:i + 1])}: unknown config group')
+      node = node[part]
+    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+      raise ConfigError(f'{name}: unknown config key')
+    node[leaf] = _parse_value(name, text, type(node[leaf]))
+
+
+def _get(config, name):
+  node = config
+  for part in name.split('.'):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Cross-field checks; raises ConfigError naming the first bad key."""
+  check_schema(config)
+  for name, choices in _CHOICES.items():
+    if _get(config, name) not in choices:
+      raise ConfigError(f'{name}: must be one of {", ".join(choices)}; got {_get(config, name)!r}')
+  for name in _POSITIVE:
+    if _get(config, name) <= 0:
+      raise ConfigError(f'{name}: must be positive; got {_get(config, name)!r}')
+  for name in _NON_NEGATIVE:
+    if _get(config, name) < 0:
+      raise ConfigError(f'{name}: must be non-negative; got {_get(config, name)!r}')
+  m = config.model
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f'model.num_kv_heads: {m.num_kv_heads} does not divide '
+                      f'model.num_heads={m.num_heads}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f'model.num_heads: {m.num_heads} does not divide model.d_model={m.d_model} '
+                      '(set model.head_dim)')
+  if config.seq_len > m.max_seq_len:
+    raise ConfigError(f'seq_len: {config.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
+  if config.batch_size % config.grad_accum_steps:
+    raise ConfigError(f'grad_accum_steps: {config.grad_accum_steps} does not divide '
+                      f'batch_size={config.batch_size}')
+  if not 0.0 <= config.data.eval_fraction < 1.0:
+    raise ConfigError(f'data.eval_fraction: must be in [0, 1); got {config.data.eval_fraction}')
+  if not 0.0 < config.sample.top_p <= 1.0:
+    raise ConfigError(f'sample.top_p: must be in (0, 1]; got {config.sample.top_p}')
+  if not 0.0 <= config.optimizer.decay_fraction <= 1.0:
+    raise ConfigError('optimizer.decay_fraction: must be in [0, 1]')
+  if config.optimizer.warmup_steps > config.steps:
+    raise ConfigError(f'optimizer.warmup_steps: {config.optimizer.warmup_steps} exceeds '
+                      f'steps={config.steps}')
+  if num_devices is not None:
+    _validate_mesh(config, num_devices)
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with a single `-1` filled by the remaining devices."""
+  sizes = {axis: config.mesh[axis] for axis in ('data', 'fsdp', 'tensor', 'pipeline')}
+  fill = [axis for axis, size in sizes.items() if size == -1]
+  if len(fill) > 1:
+    raise ConfigError(f'mesh.{fill[1]}: only one mesh axis may be -1')
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f'mesh.{axis}: must be positive or -1; got {size}')
+  known = 1
+  for size in sizes.values():
+    known *= size if size > 0 else 1
+  if fill:
+    if num_devices % known:
+      raise ConfigError(f'mesh.{fill[0]}: the other axes ({known}) do not divide the '
+                        f'{num_devices} devices')
+    sizes[fill[0]] = num_devices // known
+  elif known != num_devices:
+    raise ConfigError(f'mesh: axis sizes multiply to {known}, but there are {num_devices} devices')
+  return sizes
+
+
+def _validate_mesh(config, num_devices):
+  sizes = mesh_shape(config, num_devices)
+  batch_shards = sizes['data'] * sizes['fsdp']
+  micro_batch = config.batch_size // config.grad_accum_steps
+  if micro_batch % batch_shards:
+    raise ConfigError(f'batch_size: the micro-batch of {micro_batch} sequences does not divide '
+                      f'over mesh.data x mesh.fsdp = {batch_shards} devices')
+  m = config.model
+  if m.num_kv_heads % sizes['tensor'] and m.num_heads % sizes['tensor']:
+    raise ConfigError(f'mesh.tensor: {sizes["tensor"]} divides neither model.num_heads nor '
+                      'model.num_kv_heads')
+  if m.num_layers % sizes['pipeline']:
+    raise ConfigError(f'mesh.pipeline: {sizes["pipeline"]} does not divide '
+                      f'model.num_layers={m.num_layers}')
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a config saved by `to_json`, checked against the current schema."""
+  config = ml_collections.ConfigDict(json.loads(text))
+  check_schema(config)
+  merged = base_config()
+  merged.update(config)
+  return merged

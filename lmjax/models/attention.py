@@ -1,0 +1,81 @@
+"""Attention dispatch: one entry point for every implementation.
+
+Masking is defined by segment ids and positions, never by padding tricks:
+a query attends a key when both carry the same segment id, the key's position is not after the
+query's (causal), and, with a sliding window, the key is less than `sliding_window` positions back.
+Segment id 0 marks padding (and empty KV-cache slots). A query with no visible key outputs zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ('xla', 'pallas', 'cudnn')
+
+
+def attention_mask(q_segment_ids_BL, kv_segment_ids_BS, q_positions_BL, kv_positions_BS, *,
+                   causal=True, sliding_window=0):
+  """Boolean (B, L, S) mask of the keys each query may attend."""
+  mask_BLS = q_segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
+  offset_BLS = q_positions_BL[:, :, None] - kv_positions_BS[:, None, :]
+  if causal:
+    mask_BLS &= offset_BLS >= 0
+  if sliding_window:
+    mask_BLS &= offset_BLS < sliding_window
+  return mask_BLS
+
+
+def xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS):
+  """Reference attention: einsum + float32 softmax; GQA without repeating K/V."""
+  batch, q_len, num_heads, head_dim = q_BLHD.shape
+  num_kv_heads = k_BSKD.shape[2]
+  group = num_heads // num_kv_heads
+  q_BLKGD = q_BLHD.reshape(batch, q_len, num_kv_heads, group, head_dim)
+  scores_BKGLS = jnp.einsum('blkgd,bskd->bkgls', q_BLKGD, k_BSKD,
+                            preferred_element_type=jnp.float32) * head_dim**-0.5
+  mask_B11LS = mask_BLS[:, None, None, :, :]
+  scores_BKGLS = jnp.where(mask_B11LS, scores_BKGLS, jnp.finfo(jnp.float32).min)
+  probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1)
+  probs_BKGLS = jnp.where(mask_B11LS, probs_BKGLS, 0.0).astype(v_BSKD.dtype)
+  out_BLKGD = jnp.einsum('bkgls,bskd->blkgd', probs_BKGLS, v_BSKD)
+  return out_BLKGD.reshape(batch, q_len, num_heads, head_dim)
+
+
+def attention(q_BLHD, k_BSKD, v_BSKD, *, segment_ids_BL, positions_BL, kv_segment_ids_BS=None,
+              kv_positions_BS=None, causal=True, sliding_window=0, impl='xla'):
+  """Dispatches to `impl`.
+
+  Without `kv_segment_ids_BS`/`kv_positions_BS` the keys are the queries' own tokens (training,
+  scoring): fused kernels may run. Against a KV cache (decoding) the `xla` path always runs: one
+  query per step is memory-bound and gains nothing from tiling.
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'model.attention: unknown implementation {impl!r}')
+  if kv_segment_ids_BS is None:
+    if impl == 'pallas':
+      from lmjax.kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top
+      return flash_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal=causal,
+                             sliding_window=sliding_window)
+    if impl == 'cudnn':
+      return _cudnn_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window)
+    kv_segment_ids_BS, kv_positions_BS = segment_ids_BL, positions_BL
+  mask_BLS = attention_mask(segment_ids_BL, kv_segment_ids_BS, positions_BL, kv_positions_BS,
+                            causal=causal, sliding_window=sliding_window)
+  return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS)
+
+
+def check_available(impl: str) -> None:
+  """Raises a clear error when `impl` cannot run on the current backend."""
+  backend = jax.default_backend()
+  if impl == 'cudnn' and backend != 'gpu':
+    raise ValueError(f'model.attention: cudnn needs a GPU; this backend is {backend}')
+
+
+def _cudnn_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window):
+  mask_BLS = attention_mask(segment_ids_BL, segment_ids_BL, jnp.zeros_like(segment_ids_BL),
+                            jnp.zeros_like(segment_ids_BL), causal=False)
+  window = (sliding_window - 1, 0) if sliding_window else None
+  return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask_BLS[:, None],
+                                      is_causal=causal, local_window_size=window,
+                                      implementation='cudnn')

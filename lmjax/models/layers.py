@@ -1,0 +1,73 @@
+"""Small building blocks: RMSNorm, rotary embeddings, SwiGLU MLP, parameter helpers.
+
+Activations between layers are 2-D `(tokens, features)`: every weight-gradient matmul then
+contracts a single dimension, which keeps XLA from inserting transposes in the backward pass.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def param_with_axes(module: nn.Module, name: str, shape, axes, std: float, dtype):
+  """A parameter initialised N(0, std^2) and annotated with logical axis names."""
+  init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+  return module.param(name, init, shape, dtype)
+
+
+def constrain(x, axes):
+  """Logical sharding constraint on an activation (a no-op without axis rules)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_TD):
+    scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                         (x_TD.shape[-1],), self.param_dtype)
+    x32_TD = x_TD.astype(jnp.float32)
+    rms_T1 = jax.lax.rsqrt(jnp.mean(x32_TD * x32_TD, axis=-1, keepdims=True) + self.eps)
+    return (x32_TD * rms_T1 * scale_D.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x_BLHD, positions_BL, theta: float):
+  """Rotary position embedding, rotate-half layout (the Hugging Face LLaMA convention):
+  dimension i is paired with dimension i + head_dim / 2."""
+  head_dim = x_BLHD.shape[-1]
+  half = head_dim // 2
+  inv_freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BLF = positions_BL[..., None].astype(jnp.float32) * inv_freq_F
+  sin_BL1F = jnp.sin(angles_BLF)[:, :, None, :]
+  cos_BL1F = jnp.cos(angles_BLF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_BL1F - x2 * sin_BL1F, x2 * cos_BL1F + x1 * sin_BL1F], -1)
+  return rotated.astype(x_BLHD.dtype)
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+  d_model: int
+  mlp_dim: int
+  std: float
+  out_std: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_TD):
+    shape, axes = (self.d_model, self.mlp_dim), ('embed', 'mlp')
+    gate_DF = param_with_axes(self, 'gate', shape, axes, self.std, self.param_dtype)
+    up_DF = param_with_axes(self, 'up', shape, axes, self.std, self.param_dtype)
+    down_FD = param_with_axes(self, 'down', shape[::-1], axes[::-1], self.out_std,
+                              self.param_dtype)
+    x_TD = x_TD.astype(self.dtype)
+    gate_TF = x_TD @ gate_DF.astype(self.dtype)
+    up_TF = x_TD @ up_DF.astype(self.dtype)
+    h_TF = constrain(nn.silu(gate_TF) * up_TF, ('act_tokens', 'act_mlp'))
+    return h_TF @ down_FD.astype(self.dtype)

@@ -1,0 +1,207 @@
+"""The LLaMA-style decoder: embedding, pre-RMSNorm attention + SwiGLU blocks, final norm, LM head.
+
+Shapes: B batch, L query length, S key length (= L in training, the cache length in decoding),
+T = B * L flattened tokens, D d_model, H heads, K kv heads, Dh head dim, F mlp dim, V vocab.
+
+`Transformer.apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, cache)` returns
+`(logits_BLV, cache)`. With `cache=None` it is a plain forward pass; with a cache from
+`init_cache` the new tokens' keys and values are written at `cache['index']` and the queries attend
+everything cached so far (prefill and decode use the same path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.models import attention as attention_lib
+from lmjax.models.layers import MLP, RMSNorm, constrain, param_with_axes, rope
+
+_REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'minimal': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  sliding_window: int = 0
+  attention: str = 'xla'
+  scan_layers: bool = False
+  remat: str = 'none'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  init_std: float = 0.02
+
+  @classmethod
+  def from_config(cls, model_config) -> 'ModelConfig':
+    """Builds from the `model` group of an lmjax config, resolving `head_dim` and dtypes."""
+    values = dict(model_config)
+    values['head_dim'] = values['head_dim'] or values['d_model'] // values['num_heads']
+    values['dtype'] = resolve_dtype(values['dtype'])
+    values['param_dtype'] = resolve_dtype(values['param_dtype'])
+    return cls(**values)
+
+
+def resolve_dtype(name: str):
+  if name == 'auto':
+    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  return jnp.dtype(name).type
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_TD, ctx, kv_cache):
+    cfg = self.cfg
+    batch, length = ctx['positions'].shape
+    d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    q_DHd = param_with_axes(self, 'q', (d, h, dh), ('embed', 'heads', 'head_dim'), std,
+                            cfg.param_dtype)
+    k_DKd = param_with_axes(self, 'k', (d, k, dh), ('embed', 'kv_heads', 'head_dim'), std,
+                            cfg.param_dtype)
+    v_DKd = param_with_axes(self, 'v', (d, k, dh), ('embed', 'kv_heads', 'head_dim'), std,
+                            cfg.param_dtype)
+    o_HdD = param_with_axes(self, 'o', (h, dh, d), ('heads', 'head_dim', 'embed'), out_std,
+                            cfg.param_dtype)
+    x_TD = x_TD.astype(cfg.dtype)
+    project = lambda w, n: (x_TD @ w.reshape(d, n * dh).astype(cfg.dtype)).reshape(
+        batch, length, n, dh)
+    q_BLHD = constrain(project(q_DHd, h), ('act_batch', 'act_len', 'act_heads', None))
+    k_BLKD = constrain(project(k_DKd, k), ('act_batch', 'act_len', 'act_kv_heads', None))
+    v_BLKD = constrain(project(v_DKd, k), ('act_batch', 'act_len', 'act_kv_heads', None))
+    q_BLHD = rope(q_BLHD, ctx['positions'], cfg.rope_theta)
+    k_BLKD = rope(k_BLKD, ctx['positions'], cfg.rope_theta)
+
+    kv_mask_args = {}
+    if kv_cache is not None:
+      start = (0, ctx['cache_index'], 0, 0)
+      k_BSKD = jax.lax.dynamic_update_slice(kv_cache['k'], k_BLKD.astype(kv_cache['k'].dtype),
+                                            start)
+      v_BSKD = jax.lax.dynamic_update_slice(kv_cache['v'], v_BLKD.astype(kv_cache['v'].dtype),
+                                            start)
+      kv_cache = {'k': k_BSKD, 'v': v_BSKD}
+      k_BLKD, v_BLKD = k_BSKD.astype(cfg.dtype), v_BSKD.astype(cfg.dtype)
+      kv_mask_args = dict(kv_segment_ids_BS=ctx['kv_segment_ids'],
+                          kv_positions_BS=ctx['kv_positions'])
+    out_BLHD = attention_lib.attention(
+        q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=ctx['segment_ids'], positions_BL=ctx['positions'],
+        causal=True, sliding_window=cfg.sliding_window, impl=cfg.attention, **kv_mask_args)
+    out_TD = out_BLHD.reshape(batch * length, h * dh) @ o_HdD.reshape(h * dh, d).astype(cfg.dtype)
+    return out_TD, kv_cache
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_TD, kv_cache, ctx):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+    attn_TD, kv_cache = Attention(cfg, name='attn')(norm('attn_norm')(x_TD), ctx, kv_cache)
+    x_TD = constrain(x_TD + attn_TD, ('act_tokens', 'act_embed'))
+    mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.init_std, cfg.init_std / (2 * cfg.num_layers)**0.5,
+              cfg.dtype, cfg.param_dtype, name='mlp')
+    x_TD = constrain(x_TD + mlp(norm('mlp_norm')(x_TD)), ('act_tokens', 'act_embed'))
+    return x_TD, kv_cache
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None):
+    cfg = self.cfg
+    batch, length = tokens_BL.shape
+    embed_VD = param_with_axes(self, 'embed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+                               cfg.init_std, cfg.param_dtype)
+    x_TD = jnp.take(embed_VD, tokens_BL.reshape(-1), axis=0).astype(cfg.dtype)
+    x_TD = constrain(x_TD, ('act_tokens', 'act_embed'))
+
+    ctx = {'positions': positions_BL, 'segment_ids': segment_ids_BL}
+    layer_caches = None
+    if cache is not None:
+      index = cache['index']
+      ctx['cache_index'] = index
+      ctx['kv_segment_ids'] = jax.lax.dynamic_update_slice(cache['segment_ids'], segment_ids_BL,
+                                                           (0, index))
+      ctx['kv_positions'] = jax.lax.dynamic_update_slice(cache['positions'], positions_BL,
+                                                         (0, index))
+      layer_caches = {'k': cache['k'], 'v': cache['v']}
+
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_TD, layer_caches = stack(cfg, name='layers')(x_TD, layer_caches, ctx)
+    else:
+      new_caches = []
+      for i in range(cfg.num_layers):
+        layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
+        x_TD, layer_cache = block(cfg, name=f'layers_{i}')(x_TD, layer_cache, ctx)
+        new_caches.append(layer_cache)
+      if layer_caches is not None:
+        layer_caches = jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
+
+    x_TD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x_TD)
+    if cfg.tie_embeddings:
+      head_DV = embed_VD.T
+    else:
+      head_DV = param_with_axes(self, 'lm_head', (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+                                cfg.init_std, cfg.param_dtype)
+    logits_TV = jnp.dot(x_TD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits_BLV = constrain(logits_TV.reshape(batch, length, cfg.vocab_size),
+                           ('act_batch', 'act_len', 'act_vocab'))
+    if cache is None:
+      return logits_BLV, None
+    new_cache = dict(layer_caches, segment_ids=ctx['kv_segment_ids'],
+                     positions=ctx['kv_positions'], index=cache['index'] + length)
+    return logits_BLV, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
+  """An empty KV cache: K/V per kv head (never repeated for GQA), slots marked empty (segment 0)."""
+  dtype = dtype or cfg.dtype
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {
+      'k': jnp.zeros(shape, dtype),
+      'v': jnp.zeros(shape, dtype),
+      'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
+      'positions': jnp.zeros((batch, max_len), jnp.int32),
+      'index': jnp.zeros((), jnp.int32),
+  }
+
+
+def init_params(cfg: ModelConfig, rng, batch: int = 1, length: int = 8):
+  """Boxed (logically partitioned) parameters; `nn.unbox` gives plain arrays."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  return Transformer(cfg).init(rng, tokens, positions, jnp.ones_like(tokens))['params']
+
+
+def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, cache=None):
+  """Pure forward pass on plain (unboxed) params: (logits_BLV float32, new cache or None)."""
+  return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, cache)

@@ -1,0 +1,1 @@
+"""Scaling-law tooling: FLOP and parameter accounting, IsoFLOP design, fits, plots."""

@@ -1,0 +1,304 @@
+"""Tests for lmjax.data sources, packing and the train/eval pipelines (tiny corpora, tiny vocab)."""
+
+import glob
+import json
+import os
+import sysconfig
+
+import numpy as np
+import pytest
+
+from lmjax.config import base_config
+from lmjax.data import (DataError, load_sources, make_eval_batches, make_train_iterator, packing,
+                        pipeline, skipped_count, sources, tokenizer)
+
+VOCAB = 512
+
+
+@pytest.fixture(scope='session')
+def tok():
+  paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()['stdlib'], 'json', '*.py')))
+  return tokenizer.Tokenizer(tokenizer.train_model([open(p).read() for p in paths], VOCAB))
+
+
+def _doc_text(i):
+  return f'# DOC{i:03d}\n' + ''.join(f'x{i} = {j}  # line {j}\n' for j in range(3 + i % 7))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  directory = tmp_path / 'corpus'
+  directory.mkdir()
+  for i in range(40):
+    (directory / f'd{i:03d}.txt').write_text(_doc_text(i))
+  return str(directory / '*.txt')
+
+
+def _config(source, seed=0, batch_size=4, seq_len=32, eval_fraction=0.1, **data):
+  c = base_config()
+  c.seed, c.batch_size, c.seq_len, c.eval_batches = seed, batch_size, seq_len, 3
+  c.model.vocab_size = VOCAB
+  c.data.source, c.data.eval_fraction = source, eval_fraction
+  for key, value in data.items():
+    c.data[key] = value
+  return c
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _rows(batches):
+  """Packed rows (seq_len + 1 tokens) rebuilt from shifted batches."""
+  return np.concatenate([np.concatenate([b['inputs'][:, :1], b['targets']], 1) for b in batches])
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+
+def test_packing_hand_made_example():
+  docs = iter([np.array([10, 11, 12]), np.array([20, 21]), np.array([30, 31, 32, 33, 34, 35, 36])])
+  packer = packing.RowPacker(docs, row_len=5)
+  tokens, seg, pos, used = packer.next_rows(4)
+  assert used == 3
+  np.testing.assert_array_equal(tokens, [[10, 11, 12, 20, 21], [30, 31, 32, 33, 34],
+                                         [35, 36, 0, 0, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(seg, [[1, 1, 1, 2, 2], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0],
+                                      [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(pos, [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4], [0, 1, 0, 0, 0],
+                                      [0, 0, 0, 0, 0]])
+  batch = packing.shift_rows(tokens, seg, pos)
+  np.testing.assert_array_equal(batch['inputs'], [[10, 11, 12, 20], [30, 31, 32, 33],
+                                                  [35, 36, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch['targets'], [[11, 12, 20, 21], [31, 32, 33, 34],
+                                                   [36, 0, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(batch['segment_ids'], seg[:, :-1])
+  np.testing.assert_array_equal(batch['positions'], pos[:, :-1])
+  np.testing.assert_array_equal(batch['weights'], [[1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 0, 0],
+                                                   [0, 0, 0, 0]])
+  assert {k: v.dtype for k, v in batch.items()} == {
+      'inputs': np.int32, 'targets': np.int32, 'segment_ids': np.int32, 'positions': np.int32,
+      'weights': np.float32}
+
+
+def test_train_stream_reconstructs_documents(corpus, tok):
+  config = _config(corpus)
+  docs = load_sources(config.data)
+  refs = pipeline.train_refs_dataset(docs, 0.1, config.seed)
+  encode = pipeline.EncodeDocument(tok, 'text', skip_bad=False)
+  expected = np.concatenate([encode(refs[i]) for i in range(30)])
+  rows = _rows(_take(make_train_iterator(config, tok), 6)).reshape(-1)
+  assert len(rows) == 6 * 4 * 33 < len(expected)
+  np.testing.assert_array_equal(rows, expected[:len(rows)])
+
+
+def test_segments_positions_and_weights_follow_documents(corpus, tok):
+  batch = next(make_train_iterator(_config(corpus), tok))
+  seg, pos, w, x, y = (batch[k] for k in ('segment_ids', 'positions', 'weights', 'inputs',
+                                          'targets'))
+  assert (seg >= 1).all()  # training rows are never padded
+  starts = np.concatenate([np.ones((4, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
+  assert (pos[starts] == 0).all()
+  assert (pos[:, 1:][~starts[:, 1:]] == pos[:, :-1][~starts[:, 1:]] + 1).all()
+  assert (x[pos > 0] != tok.bos_id).all()
+  np.testing.assert_array_equal(w == 0, y == tok.bos_id)  # the only cut: eos -> next bos
+  assert ((x == tok.eos_id) == (w == 0)).all()
+
+
+# --- determinism and resume ----------------------------------------------------------------------
+
+
+def test_same_seed_same_batches_different_seed_differs(corpus, tok):
+  a = _take(make_train_iterator(_config(corpus, seed=1), tok), 5)
+  b = _take(make_train_iterator(_config(corpus, seed=1), tok), 5)
+  c = _take(make_train_iterator(_config(corpus, seed=2), tok), 5)
+  _assert_batches_equal(a, b)
+  assert not np.array_equal(_rows(a), _rows(c))
+
+
+def test_epochs_are_reshuffled(corpus, tok):
+  config = _config(corpus)
+  refs = pipeline.train_refs_dataset(load_sources(config.data), 0.1, config.seed)
+  n = len(sources.split_eval(load_sources(config.data)[0].docs, 0.1)[0])
+  first, second = [refs[i].key for i in range(n)], [refs[i].key for i in range(n, 2 * n)]
+  assert sorted(first) == sorted(second) and first != second
+
+
+@pytest.mark.parametrize('skip', [3, 7])
+def test_resume_from_state(corpus, tok, skip):
+  config = _config(corpus)
+  it = make_train_iterator(config, tok)
+  _take(it, skip)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 4)
+  fresh = make_train_iterator(config, tok)
+  fresh.set_state(state)
+  _assert_batches_equal(_take(fresh, 4), expected)
+
+
+def test_state_from_another_process_is_rejected(corpus, tok):
+  state = make_train_iterator(_config(corpus), tok, 0, 2).get_state()
+  with pytest.raises(ValueError, match='process 0 of 2'):
+    make_train_iterator(_config(corpus), tok, 1, 2).set_state(state)
+
+
+# --- eval split, sharding, mixtures --------------------------------------------------------------
+
+
+def test_eval_documents_never_in_training(corpus, tok):
+  config = _config(corpus, eval_fraction=0.2)
+  all_docs = load_sources(config.data)[0].docs
+  train, held = sources.split_eval(all_docs, 0.2)
+  assert 2 <= len(held) <= 16 and len(train) + len(held) == 40
+  held_marks = {sources.read_document(r, 'text').split('\n')[0] for r in held}
+  text = tok.decode(_rows(_take(make_train_iterator(config, tok), 30)).reshape(-1))
+  train_marks = {line for line in text.split('\n') if line.startswith('# DOC')}
+  assert len(train_marks) == len(train) and not train_marks & held_marks
+  eval_text = tok.decode(_rows(make_eval_batches(config, tok)).reshape(-1))
+  assert {line for line in eval_text.split('\n') if line.startswith('# DOC')} <= held_marks
+
+
+def test_eval_split_is_by_identity_not_position(corpus, tmp_path):
+  docs = load_sources(_config(corpus).data)[0].docs
+  _, held = sources.split_eval(docs, 0.2)
+  for i in range(40, 60):  # more files do not move existing documents between splits
+    (tmp_path / 'corpus' / f'd{i:03d}.txt').write_text(_doc_text(i))
+  _, held_more = sources.split_eval(load_sources(_config(corpus).data)[0].docs, 0.2)
+  assert {r.key for r in held} <= {r.key for r in held_more}
+  assert len(sources.split_eval(docs[:3], 0.001)[1]) == 1  # at least one held out
+
+
+def test_eval_batches_deterministic_and_capped(corpus, tok):
+  config = _config(corpus, eval_fraction=0.5)
+  batches = make_eval_batches(config, tok)
+  assert len(batches) == 3 and batches[0]['inputs'].shape == (4, 32)
+  _assert_batches_equal(batches, make_eval_batches(config, tok))
+  small_config = _config(corpus, eval_fraction=0.0001)
+  held = sources.split_eval(load_sources(small_config.data)[0].docs, 0.0001)[1]
+  assert len(held) == 1  # forced: 40 * 0.0001 < 1
+  doc = pipeline.EncodeDocument(tok, 'text', skip_bad=False)(held[0])
+  rows_used = -(-len(doc) // 33)
+  small = make_eval_batches(small_config, tok)
+  assert len(small) == -(-rows_used // 4)
+  stream = _rows(small).reshape(-1)
+  np.testing.assert_array_equal(stream[:len(doc)], doc)
+  assert not stream[len(doc):].any()  # padding
+  assert sum(b['weights'].sum() for b in small) == len(doc) - rows_used
+  assert make_eval_batches(_config(corpus, eval_fraction=0.0), tok) == []
+
+
+def test_process_shards_are_disjoint_and_cover(corpus, tok):
+  config = _config(corpus)
+  docs = load_sources(config.data)
+  train = sources.split_eval(docs[0].docs, 0.1)[0]
+  shards = []
+  for p in range(3):
+    refs = pipeline.train_refs_dataset(docs, 0.1, config.seed, p, 3)
+    size = len(train[p::3])
+    shards.append({refs[i] for i in range(size)})
+    assert {refs[i] for i in range(size, 2 * size)} == shards[-1]
+  assert sum(len(s) for s in shards) == len(train)
+  assert set().union(*shards) == set(train)
+  batch = next(make_train_iterator(_config(corpus, batch_size=6), tok, 2, 3))
+  assert batch['inputs'].shape == (2, 32)
+  whole = make_eval_batches(_config(corpus, eval_fraction=0.3), tok)
+  halves = [make_eval_batches(_config(corpus, eval_fraction=0.3), tok, p, 2) for p in range(2)]
+  assert len(halves[0]) == len(halves[1]) == len(whole)
+  for b, (h0, h1) in zip(whole, zip(*halves)):
+    np.testing.assert_array_equal(b['inputs'], np.concatenate([h0['inputs'], h1['inputs']]))
+
+
+def test_mixture_weights(tmp_path, corpus, tok):
+  jsonl = tmp_path / 'extra.jsonl'
+  jsonl.write_text(''.join(json.dumps({'text': f'jsonl doc {i}\n'}) + '\n' for i in range(30)))
+  config = _config(f'{jsonl}@1,{corpus}@3')
+  docs = load_sources(config.data)
+  assert [s.weight for s in docs] == [1.0, 3.0]
+  refs = pipeline.train_refs_dataset(docs, 0.1, config.seed)
+  counts = np.bincount([refs[i].source_index for i in range(800)], minlength=2)
+  assert abs(counts[1] / 800 - 0.75) < 0.02
+  text = tok.decode(_rows(_take(make_train_iterator(config, tok), 10)).reshape(-1))
+  assert 'jsonl doc' in text and '# DOC' in text
+
+
+def test_parse_source_spec():
+  assert sources.parse_source_spec('a.jsonl@1,stdlib@5') == [('a.jsonl', 1.0), ('stdlib', 5.0)]
+  assert sources.parse_source_spec('dir/x@y/*.txt') == [('dir/x@y/*.txt', 1.0)]
+  with pytest.raises(DataError, match='weight'):
+    sources.parse_source_spec('stdlib@0')
+
+
+def test_stdlib_source_first_batch(tok):
+  stdlib = load_sources(_config('stdlib').data)[0]
+  names = {d.key for d in stdlib.docs}
+  assert 'os.py' in names and 'json/decoder.py' in names and len(names) > 500
+  assert not any(part in ('test', 'tests', 'site-packages', 'idle_test')
+                 for key in names for part in key.split(os.sep))
+  batch = next(make_train_iterator(_config('stdlib'), tok, sources=[stdlib]))
+  assert batch['weights'].sum() > 100
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_empty_glob_raises(tmp_path, tok):
+  with pytest.raises(DataError, match='nothing.*matches no files'):
+    load_sources(_config(str(tmp_path / 'nothing' / '*.txt')).data)
+
+
+def test_non_utf8_file_raises_naming_file(corpus, tmp_path):
+  (tmp_path / 'corpus' / 'latin.txt').write_bytes('caf\xe9\n'.encode('latin-1'))
+  with pytest.raises(DataError, match=r'latin\.txt: not valid UTF-8'):
+    load_sources(_config(corpus).data)
+
+
+def _bad_jsonl(tmp_path):
+  path = tmp_path / 'bad.jsonl'
+  path.write_text('{"text": "ok one"}\n{"body": "no text"}\n\n{not json\n{"text": "ok two"}\n')
+  return str(path)
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+  path = _bad_jsonl(tmp_path)
+  with pytest.raises(DataError, match=r'bad\.jsonl:2: no string field .text.'):
+    load_sources(_config(path).data)
+  (tmp_path / 'bad.jsonl').write_text('{"text": "ok"}\n\n{not json\n')
+  with pytest.raises(DataError, match=r'bad\.jsonl:3: not valid JSON'):
+    load_sources(_config(path).data)
+
+
+def test_skip_mode_counts_and_trains(tmp_path, corpus, tok):
+  (tmp_path / 'corpus' / 'latin.txt').write_bytes(b'caf\xe9\n')
+  docs = load_sources(_config(f'{_bad_jsonl(tmp_path)},{corpus}', on_bad_input='skip').data)
+  assert skipped_count(docs) == 3
+  assert [d.line for d in docs[0].docs] == [1, 5]
+  assert any('bad.jsonl:4' in s for s in docs[0].skipped)
+  assert len(docs[1].docs) == 40
+  config = _config(f'{_bad_jsonl(tmp_path)},{corpus}', on_bad_input='skip', eval_fraction=0.0)
+  it = make_train_iterator(config, tok)
+  assert it.skipped == 3
+  text = tok.decode(_rows(_take(it, 5)).reshape(-1))
+  assert 'ok one' in text and 'ok two' in text
+
+
+def test_unreadable_file_raises_naming_file(corpus, tmp_path, monkeypatch):
+  locked = str(tmp_path / 'corpus' / 'd007.txt')
+
+  def fake_open(path, *args, **kwargs):
+    if path == locked:
+      raise PermissionError(13, 'Permission denied')
+    return open(path, *args, **kwargs)
+
+  monkeypatch.setattr(sources, 'open', fake_open, raising=False)
+  with pytest.raises(DataError, match=r'd007\.txt: cannot read: Permission denied'):
+    load_sources(_config(corpus).data)
+  docs = load_sources(_config(corpus, on_bad_input='skip').data)
+  assert skipped_count(docs) == 1 and len(docs[0].docs) == 39
