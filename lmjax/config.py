@@ -60,6 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = 'auto'  # compute dtype: auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16
   m.param_dtype = 'float32'
   m.init_std = 0.02
+  m.rope_scaling = 'none'  # none | llama3 (Llama 3.1+ RoPE frequency scaling, factors below)
+  m.rope_scaling_factor = 8.0
+  m.rope_low_freq_factor = 1.0
+  m.rope_high_freq_factor = 4.0
+  m.rope_original_max_len = 8192  # context length the RoPE frequencies were trained for
 
   c.optimizer = ml_collections.ConfigDict()
   o = c.optimizer

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import re
 import os
 import sysconfig
 
@@ -89,15 +90,29 @@ def test_packing_hand_made_example():
       'weights': np.float32}
 
 
-def test_train_stream_reconstructs_documents(corpus, tok):
+def test_train_rows_interleave_whole_documents_in_stream_order(corpus, tok):
+  """Row r of successive batches reads the documents of slot r back to back; together the rows
+  consume the document stream in order, each document exactly once, and a batch mixes documents."""
   config = _config(corpus)
   docs = load_sources(config.data)
   refs = pipeline.train_refs_dataset(docs, 0.1, config.seed)
   encode = pipeline.EncodeDocument(tok, 'text', skip_bad=False)
-  expected = np.concatenate([encode(refs[i]) for i in range(30)])
-  rows = _rows(_take(make_train_iterator(config, tok), 6)).reshape(-1)
-  assert len(rows) == 6 * 4 * 33 < len(expected)
-  np.testing.assert_array_equal(rows, expected[:len(rows)])
+  expected = [encode(refs[i]).tolist() for i in range(60)]
+  batches = _take(make_train_iterator(config, tok), 6)
+  rows = np.stack([_rows([b]) for b in batches], 1)  # (rows, batches, seq_len + 1)
+  seen = []
+  for row_stream in rows.reshape(config.batch_size, -1).tolist():
+    starts = [i for i, t in enumerate(row_stream) if t == tok.bos_id]
+    assert starts[0] == 0
+    pieces = [row_stream[i:j] for i, j in zip(starts, starts[1:] + [len(row_stream)])]
+    for k, piece in enumerate(pieces):
+      index = next(i for i, doc in enumerate(expected) if doc[:len(piece)] == piece)
+      if k < len(pieces) - 1:
+        assert piece == expected[index]  # every piece but the open one is a whole document
+      seen.append(index)
+  assert sorted(seen) == list(range(len(seen)))  # the stream's prefix, each document once
+  first_docs = {tuple(r[:8]) for r in _rows(batches[:1]).tolist()}
+  assert len(first_docs) == config.batch_size
 
 
 def test_segments_positions_and_weights_follow_documents(corpus, tok):
@@ -159,8 +174,10 @@ def test_eval_documents_never_in_training(corpus, tok):
   train, held = sources.split_eval(all_docs, 0.2)
   assert 2 <= len(held) <= 16 and len(train) + len(held) == 40
   held_marks = {sources.read_document(r, 'text').split('\n')[0] for r in held}
-  text = tok.decode(_rows(_take(make_train_iterator(config, tok), 30)).reshape(-1))
-  train_marks = {line for line in text.split('\n') if line.startswith('# DOC')}
+  batches = _take(make_train_iterator(config, tok), 30)
+  row_streams = np.stack([_rows([b]) for b in batches], 1).reshape(config.batch_size, -1)
+  text = '\n'.join(tok.decode(stream) for stream in row_streams.tolist())
+  train_marks = set(re.findall(r'# DOC\d{3}', text))
   assert len(train_marks) == len(train) and not train_marks & held_marks
   eval_text = tok.decode(_rows(make_eval_batches(config, tok)).reshape(-1))
   assert {line for line in eval_text.split('\n') if line.startswith('# DOC')} <= held_marks

@@ -169,4 +169,5 @@ def test_cli_writes_model_and_reports_compression(tmp_path, capsys):
   assert lines[0] == str(output)
   assert 'bytes/token' in lines[1]
   assert float(lines[1].split('; ')[1].split()[0]) > 1.0
-  assert load_tokenizer(str(output)).decode(load_tokenizer(str(output)).encode('x = 1\n')) == 'x = 1\n'
+  written = load_tokenizer(str(output))
+  assert written.decode(written.encode('x = 1\n')) == 'x = 1\n'

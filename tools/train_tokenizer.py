@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     start = time.time()
     proto = tokenizer.train_model(texts, args.vocab_size)
     seconds = time.time() - start
-    tokenizer._write_atomically(os.path.abspath(args.output), proto)  # pylint: disable=protected-access
+    tokenizer.write_atomically(os.path.abspath(args.output), proto)
     tok = tokenizer.Tokenizer(proto, args.output)
     held_out = pipeline.eval_refs(sources.load_sources(data), data.eval_fraction)
     sample = held_out[:_EVAL_SAMPLE_DOCS]

@@ -62,7 +62,7 @@ class RowPacker:
     return True
 
   def fill_row(self, tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray) -> int:
-    """Fills one row in place (zeros after the end if the documents run out); returns tokens used."""
+    """Fills one row in place (zeros past the end of the documents); returns tokens used."""
     fill, segment = 0, 0
     while fill < self._row_len:
       if self._doc is None or self._offset >= len(self._doc):
@@ -101,3 +101,57 @@ class RowPacker:
       if not self._next_doc():
         raise ValueError('data iterator state points past the end of the data')
       self._offset = int(state['offset'])
+
+
+class InterleavedPacker:
+  """Packs training rows so that each row of a batch reads a different document.
+
+  Row r of every batch continues the document open in slot r; when it runs out, the slot takes the
+  next document of the shared stream. A batch therefore mixes at least `num_rows` documents (a
+  single stream would fill a whole batch from one long file). Documents come from `docs_iter`, a
+  grain iterator over the random-access `docs` dataset, so the state is small: the iterator's
+  state and, per slot, the stream index of its document and the tokens already used.
+  """
+
+  def __init__(self, docs, docs_iter, num_rows: int, row_len: int):
+    self._docs = docs
+    self._docs_iter = docs_iter
+    self._row_len = row_len
+    self._fetched = 0  # documents taken from the stream so far
+    self._slots: list[list[Any]] = [[None, -1, 0] for _ in range(num_rows)]  # doc, index, offset
+
+  def _refill(self, slot: list[Any]) -> None:
+    slot[0] = np.asarray(next(self._docs_iter), np.int32)
+    slot[1], slot[2] = self._fetched, 0
+    self._fetched += 1
+
+  def next_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tokens, segment_ids, positions = empty_rows(len(self._slots), self._row_len)
+    for r, slot in enumerate(self._slots):
+      fill, segment = 0, 0
+      while fill < self._row_len:
+        if slot[0] is None or slot[2] >= len(slot[0]):
+          self._refill(slot)
+          continue
+        doc, _, offset = slot
+        take = min(len(doc) - offset, self._row_len - fill)
+        segment += 1
+        tokens[r, fill:fill + take] = doc[offset:offset + take]
+        segment_ids[r, fill:fill + take] = segment
+        positions[r, fill:fill + take] = np.arange(take)
+        fill += take
+        slot[2] += take
+    return tokens, segment_ids, positions
+
+  def get_state(self) -> dict[str, Any]:
+    return {'docs': self._docs_iter.get_state(), 'fetched': self._fetched,
+            'slots': [[int(index), int(offset)] for _, index, offset in self._slots]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if len(state['slots']) != len(self._slots):
+      raise ValueError(f'data iterator state: saved with {len(state["slots"])} rows per batch, '
+                       f'restored with {len(self._slots)}')
+    self._docs_iter.set_state(state['docs'])
+    self._fetched = int(state['fetched'])
+    self._slots = [[None if index < 0 else np.asarray(self._docs[index], np.int32), index, offset]
+                   for index, offset in state['slots']]

@@ -3,8 +3,8 @@
 Training (grain, lazy): per source, the training documents are sliced for this process (`[i::n]`),
 shuffled with a seed derived from `config.seed` (reshuffled every epoch) and repeated forever; the
 sources are mixed with their weights (`MapDataset.mix`, deterministic); each document is read and
-tokenized lazily in grain threads (or `data.num_workers` processes). Packing into rows happens in
-`TrainIterator`, whose state (grain state + offset into the current document) is JSON-serialisable.
+tokenized lazily in grain threads (or `data.num_workers` processes). Packing into rows (each row of a
+batch from a different document, see `packing.InterleavedPacker`) happens in `TrainIterator`, whose state (grain state + offset into the current document) is JSON-serialisable.
 
 Evaluation: all held-out documents (round-robin over sources, in listing order) are packed into
 global batches; every process packs the same rows and takes its own slice of each batch, so all
@@ -41,7 +41,8 @@ def _source_seed(seed: int, source_index: int) -> int:
 
 
 class EncodeDocument:
-  """DocRef -> int32 array `[bos] + tokens + [eos]`, or None for a bad document in skip mode."""
+  """DocRef -> int32 array `[bos] + tokens + [eos]`; empty for a bad document in skip mode (never
+  None, so the stream stays index-aligned with the dataset)."""
 
   def __init__(self, tokenizer, text_field: str, skip_bad: bool):
     self.tokenizer = tokenizer
@@ -55,7 +56,7 @@ class EncodeDocument:
       if not self.skip_bad:
         raise
       _log.warning('skipping %s', e)
-      return None
+      return np.zeros((0,), np.int32)
     tok = self.tokenizer
     return np.asarray([tok.bos_id] + tok.encode(text) + [tok.eos_id], np.int32)
 
@@ -87,22 +88,18 @@ def eval_refs(sources: list[sources_lib.Source], eval_fraction: float) -> list[s
 class TrainIterator:
   """Infinite iterator of per-process training batches, checkpointable with get/set_state."""
 
-  def __init__(self, docs_iter, row_len: int, rows: int, process_index: int, process_count: int,
-               skipped: int = 0):
+  def __init__(self, docs, docs_iter, row_len: int, rows: int, process_index: int,
+               process_count: int, skipped: int = 0):
     self.skipped = skipped  # bad documents dropped while listing (data.on_bad_input=skip)
     self._docs_iter = docs_iter
-    self._packer = packing.RowPacker(docs_iter, row_len)
-    self._rows = rows
+    self._packer = packing.InterleavedPacker(docs, docs_iter, rows, row_len)
     self._process = (process_index, process_count)
 
   def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    tokens, segment_ids, positions, used = self._packer.next_rows(self._rows)
-    if used < self._rows:
-      raise StopIteration
-    return packing.shift_rows(tokens, segment_ids, positions)
+    return packing.shift_rows(*self._packer.next_rows())
 
   def get_state(self) -> dict[str, Any]:
     return {'version': _STATE_VERSION, 'process_index': self._process[0],
@@ -141,11 +138,12 @@ def make_train_iterator(config, tok, process_index: int = 0, process_count: int 
   refs = train_refs_dataset(sources, data.eval_fraction, config.seed, process_index, process_count)
   encode = EncodeDocument(tok, data.text_field, data.on_bad_input == 'skip')
   read_options = grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_DOCS)
-  docs = refs.map(encode).to_iter_dataset(read_options)
+  docs = refs.map(encode)
+  stream = docs.to_iter_dataset(read_options)
   if data.num_workers > 0:
     _ensure_absl_flags_parsed()
-    docs = docs.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
-  return TrainIterator(iter(docs), config.seq_len + 1, rows, process_index, process_count,
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
+  return TrainIterator(docs, iter(stream), config.seq_len + 1, rows, process_index, process_count,
                        sources_lib.skipped_count(sources))
 
 
@@ -160,7 +158,7 @@ def make_eval_batches(config, tok, process_index: int = 0, process_count: int = 
   if config.eval_batches == 0 or data.eval_fraction <= 0:
     return []
   encode = EncodeDocument(tok, data.text_field, data.on_bad_input == 'skip')
-  docs = (d for d in map(encode, eval_refs(sources, data.eval_fraction)) if d is not None)
+  docs = (d for d in map(encode, eval_refs(sources, data.eval_fraction)) if len(d))
   packer = packing.RowPacker(docs, config.seq_len + 1)
   batches = []
   for _ in range(config.eval_batches):

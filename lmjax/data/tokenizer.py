@@ -174,7 +174,7 @@ def train_model(texts: list[str], vocab_size: int) -> bytes:
   return writer.getvalue()
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def write_atomically(path: str, data: bytes) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
   try:
@@ -197,7 +197,8 @@ def load_tokenizer(path: str, vocab_size: int | None = None) -> Tokenizer:
   try:
     tok = Tokenizer(proto, path)
   except RuntimeError as e:
-    raise sources_lib.DataError(f'data.tokenizer: {path!r} is not a SentencePiece model: {e}') from None
+    raise sources_lib.DataError(
+        f'data.tokenizer: {path!r} is not a SentencePiece model: {e}') from None
   if vocab_size is not None and tok.vocab_size > vocab_size:
     raise sources_lib.DataError(f'data.tokenizer: {path!r} has {tok.vocab_size} pieces, more than '
                                 f'model.vocab_size={vocab_size}')
@@ -220,7 +221,7 @@ def train_or_load_cached(texts: list[str], vocab_size: int) -> Tokenizer:
     return load_tokenizer(path, vocab_size)
   start = time.time()
   proto = train_model(texts, vocab_size)
-  _write_atomically(path, proto)
+  write_atomically(path, proto)
   _log.info('trained tokenizer (vocab %d) in %.1fs: %s', vocab_size, time.time() - start, path)
   return Tokenizer(proto, path)
 

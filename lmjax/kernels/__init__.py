@@ -1,5 +1,6 @@
-"""Custom Pallas kernels for lmjax."""
+"""Custom Pallas kernels for lmjax.
 
-from lmjax.kernels.flash_attention import flash_attention
-
-__all__ = ["flash_attention"]
+Import kernels from their modules, e.g.
+``from lmjax.kernels.flash_attention import flash_attention`` (the package does
+not re-export them, so that ``lmjax.kernels.flash_attention`` stays the module).
+"""

@@ -49,6 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 _NEG_INF = float("-inf")
+# Testing hook: force the "BLHD" (GPU / interpret) or "BHLD" (TPU) layout.
+_FORCE_LAYOUT: str | None = None
 _S = pl.squeezed  # squeezed block dimension
 
 
@@ -88,15 +90,15 @@ def _dot(a, b, contract_a: int, contract_b: int):
       preferred_element_type=jnp.float32)
 
 
-def _mask(cfg: _Config, q_start, k_start, shape, q_axis: int, q_seg, k_seg):
-  """Boolean mask of allowed (query, key) pairs for a tile, or None (all ok).
+def _mask(cfg: _Config, q_start, k_start, shape, q_seg, k_seg):
+  """Boolean (bq, bk) mask of allowed (query, key) pairs, or None (all ok).
 
-  ``q_axis`` says which tile axis indexes queries (0: (bq, bk), 1: (bk, bq)).
+  ``q_seg`` is a (bq, 1) column and ``k_seg`` a (1, bk) row of segment ids.
   """
   conds = []
   if cfg.causal or cfg.window > 0 or cfg.q_padded or cfg.kv_padded:
-    qi = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
-    ki = k_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
+    qi = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
+    ki = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
     if cfg.causal:
       conds.append(ki <= qi)
     if cfg.window > 0:
@@ -106,10 +108,7 @@ def _mask(cfg: _Config, q_start, k_start, shape, q_axis: int, q_seg, k_seg):
     if cfg.q_padded:
       conds.append(qi < cfg.q_len)
   if q_seg is not None:
-    if q_axis == 0:
-      conds.append(q_seg[:, None] == k_seg[None, :])
-    else:
-      conds.append(q_seg[None, :] == k_seg[:, None])
+    conds.append(q_seg == k_seg)
   if not conds:
     return None
   return functools.reduce(jnp.logical_and, conds)
@@ -161,26 +160,26 @@ def _fwd_kernel(*refs, cfg: _Config):
     k = k_ref[pl.ds(k_start, bk), :]
     v = v_ref[pl.ds(k_start, bk), :]
     s = _dot(q, k, 1, 1) * cfg.scale  # (bq, bk) float32
-    k_seg = None if kseg_ref is None else kseg_ref[pl.ds(k_start, bk)]
-    mask = _mask(cfg, q_start, k_start, (bq, bk), 0, q_seg, k_seg)
+    k_seg = None if kseg_ref is None else kseg_ref[:, pl.ds(k_start, bk)]
+    mask = _mask(cfg, q_start, k_start, (bq, bk), q_seg, k_seg)
     if mask is not None:
       s = jnp.where(mask, s, _NEG_INF)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # (bq, 1)
     m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)  # all-masked so far
-    p = jnp.exp(s - m_safe[:, None])
+    p = jnp.exp(s - m_safe)
     corr = jnp.exp(m - m_safe)
-    l = corr * l + jnp.sum(p, axis=1)
-    acc = corr[:, None] * acc + _dot(p.astype(v.dtype), v, 1, 0)
+    l = corr * l + jnp.sum(p, axis=1, keepdims=True)
+    acc = corr * acc + _dot(p.astype(v.dtype), v, 1, 0)
     return acc, m_new, l
 
   lo, hi = _kv_block_range(cfg, q_start, bq, bk)
   init = (jnp.zeros((bq, head_dim), jnp.float32),
-          jnp.full((bq,), _NEG_INF, jnp.float32),
-          jnp.zeros((bq,), jnp.float32))
+          jnp.full((bq, 1), _NEG_INF, jnp.float32),
+          jnp.zeros((bq, 1), jnp.float32))
   acc, m, l = lax.fori_loop(lo, hi, body, init)
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
-  o_ref[...] = (acc * (1.0 / l_safe)[:, None]).astype(o_ref.dtype)
+  o_ref[...] = (acc * (1.0 / l_safe)).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(l_safe))
 
 
@@ -200,13 +199,13 @@ def _dq_kernel(*refs, cfg: _Config):
     k = k_ref[pl.ds(k_start, bk), :]
     v = v_ref[pl.ds(k_start, bk), :]
     s = _dot(q, k, 1, 1) * cfg.scale
-    p = jnp.exp(s - lse[:, None])
-    k_seg = None if kseg_ref is None else kseg_ref[pl.ds(k_start, bk)]
-    mask = _mask(cfg, q_start, k_start, (bq, bk), 0, q_seg, k_seg)
+    p = jnp.exp(s - lse)  # lse: (bq, 1)
+    k_seg = None if kseg_ref is None else kseg_ref[:, pl.ds(k_start, bk)]
+    mask = _mask(cfg, q_start, k_start, (bq, bk), q_seg, k_seg)
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
     dp = _dot(do, v, 1, 1)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta)
     return dq + _dot(ds.astype(k.dtype), k, 1, 0)
 
   lo, hi = _kv_block_range(cfg, q_start, bq, bk)
@@ -237,18 +236,18 @@ def _dkv_kernel(*refs, cfg: _Config):
       sl = pl.ds(q_start, bq)
       q = load(q_ref, g, sl)
       do = load(do_ref, g, sl)
-      lse = lse_ref[g, sl]
-      delta = delta_ref[g, sl]
-      s_t = _dot(k, q, 1, 1) * cfg.scale  # (bk, bq): scores transposed
-      p_t = jnp.exp(s_t - lse[None, :])
-      q_seg = None if qseg_ref is None else qseg_ref[sl]
-      mask = _mask(cfg, q_start, k_start, (bk, bq), 1, q_seg, k_seg)
+      lse = lse_ref[g, sl, :]  # (bq, 1)
+      delta = delta_ref[g, sl, :]
+      s = _dot(q, k, 1, 1) * cfg.scale  # (bq, bk)
+      p = jnp.exp(s - lse)
+      q_seg = None if qseg_ref is None else qseg_ref[sl, :]
+      mask = _mask(cfg, q_start, k_start, (bq, bk), q_seg, k_seg)
       if mask is not None:
-        p_t = jnp.where(mask, p_t, 0.0)
-      dv = dv + _dot(p_t.astype(do.dtype), do, 1, 0)
-      dp_t = _dot(v, do, 1, 1)
-      ds_t = p_t * (dp_t - delta[None, :])
-      dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
+        p = jnp.where(mask, p, 0.0)
+      dv = dv + _dot(p.astype(do.dtype), do, 0, 0)  # p^T @ do
+      dp = _dot(do, v, 1, 1)
+      ds = p * (dp - delta)
+      dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)  # ds^T @ q
       return dk, dv
     return lax.fori_loop(lo, hi, body, carry)
 
@@ -303,13 +302,14 @@ def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
   ]
   args = [q, k, v]
   if cfg.has_segments:
-    in_specs += [pl.BlockSpec((_S, bq), lambda b, h, i: (b, i)),
-                 pl.BlockSpec((_S, cfg.kv_len_pad), lambda b, h, i: (b, 0))]
+    in_specs += [pl.BlockSpec((_S, bq, 1), lambda b, h, i: (b, i, 0)),
+                 pl.BlockSpec((_S, 1, cfg.kv_len_pad),
+                              lambda b, h, i: (b, 0, 0))]
     args += [q_seg, kv_seg]
   out_specs = [spec(bq, None, lambda b, h, i: (b, i, h)),
-               pl.BlockSpec((_S, _S, bq), lambda b, h, i: (b, h, i))]
+               pl.BlockSpec((_S, _S, bq, 1), lambda b, h, i: (b, h, i, 0))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((batch, num_heads, cfg.q_len_pad),
+               jax.ShapeDtypeStruct((batch, num_heads, cfg.q_len_pad, 1),
                                     jnp.float32)]
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg),
@@ -332,12 +332,13 @@ def _bwd_dq(cfg: _Config, q, k, v, q_seg, kv_seg, do, lse, delta):
   g = cfg.group
   q_spec = spec(bq, None, lambda b, h, i: (b, i, h))
   kv_spec = spec(cfg.kv_len_pad, None, lambda b, h, i: (b, 0, h // g))
-  row_spec = pl.BlockSpec((_S, _S, bq), lambda b, h, i: (b, h, i))
+  row_spec = pl.BlockSpec((_S, _S, bq, 1), lambda b, h, i: (b, h, i, 0))
   in_specs = [q_spec, kv_spec, kv_spec]
   args = [q, k, v]
   if cfg.has_segments:
-    in_specs += [pl.BlockSpec((_S, bq), lambda b, h, i: (b, i)),
-                 pl.BlockSpec((_S, cfg.kv_len_pad), lambda b, h, i: (b, 0))]
+    in_specs += [pl.BlockSpec((_S, bq, 1), lambda b, h, i: (b, i, 0)),
+                 pl.BlockSpec((_S, 1, cfg.kv_len_pad),
+                              lambda b, h, i: (b, 0, 0))]
     args += [q_seg, kv_seg]
   in_specs += [q_spec, row_spec, row_spec]
   args += [do, lse, delta]
@@ -360,12 +361,14 @@ def _bwd_dkv(cfg: _Config, q, k, v, q_seg, kv_seg, do, lse, delta):
   # All query heads of the kv head's group, whole (padded) query length.
   qg_spec = spec(cfg.q_len_pad, g, lambda b, h, j: (b, 0, h))
   kv_spec = spec(bk, None, lambda b, h, j: (b, j, h))
-  row_spec = pl.BlockSpec((_S, g, cfg.q_len_pad), lambda b, h, j: (b, h, 0))
+  row_spec = pl.BlockSpec((_S, g, cfg.q_len_pad, 1),
+                          lambda b, h, j: (b, h, 0, 0))
   in_specs = [qg_spec, kv_spec, kv_spec]
   args = [q, k, v]
   if cfg.has_segments:
-    in_specs += [pl.BlockSpec((_S, cfg.q_len_pad), lambda b, h, j: (b, 0)),
-                 pl.BlockSpec((_S, bk), lambda b, h, j: (b, j))]
+    in_specs += [pl.BlockSpec((_S, cfg.q_len_pad, 1),
+                              lambda b, h, j: (b, 0, 0)),
+                 pl.BlockSpec((_S, 1, bk), lambda b, h, j: (b, 0, j))]
     args += [q_seg, kv_seg]
   in_specs += [qg_spec, row_spec, row_spec]
   args += [do, lse, delta]
@@ -393,9 +396,10 @@ def _flash_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
 
 def _flash_bwd(cfg: _Config, res, do):
   q, k, v, q_seg, kv_seg, o, lse = res
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1,
+                  keepdims=True)
   if cfg.layout == "BLHD":
-    delta = jnp.swapaxes(delta, 1, 2)  # (B, L, H) -> (B, H, L)
+    delta = jnp.swapaxes(delta, 1, 2)  # (B, L, H, 1) -> (B, H, L, 1)
   args = (q, k, v, q_seg, kv_seg, do, lse, delta)
   dq = _bwd_dq(cfg, *args)
   dk, dv = _bwd_dkv(cfg, *args)
@@ -491,6 +495,8 @@ def flash_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *,
   else:
     backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
   layout = "BHLD" if backend == "tpu" else "BLHD"
+  if _FORCE_LAYOUT is not None:  # tests: exercise the TPU layout on CPU
+    layout = _FORCE_LAYOUT
 
   bq = _pick_block(block_q, q_len, "block_q")
   bk = _pick_block(block_k, kv_len, "block_k")
@@ -510,8 +516,9 @@ def flash_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=None, *,
 
   q, k, v = pad(q, q_len_pad), pad(k, kv_len_pad), pad(v, kv_len_pad)
   if q_seg is not None:
-    q_seg = jnp.pad(q_seg, ((0, 0), (0, q_len_pad - q_len)))
-    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, kv_len_pad - kv_len)))
+    # (B, L, 1) column / (B, 1, L) row: no in-kernel reshapes needed.
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, q_len_pad - q_len)))[:, :, None]
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, kv_len_pad - kv_len)))[:, None, :]
   if layout == "BHLD":
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
 

@@ -36,12 +36,31 @@ class RMSNorm(nn.Module):
     return (x32_TD * rms_T1 * scale_D.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope(x_BLHD, positions_BL, theta: float):
-  """Rotary position embedding, rotate-half layout (the Hugging Face LLaMA convention):
-  dimension i is paired with dimension i + head_dim / 2."""
-  head_dim = x_BLHD.shape[-1]
+def rope_inv_freq(head_dim: int, theta: float, scaling=None):
+  """RoPE inverse frequencies; `scaling` = ('llama3', factor, low_freq_factor, high_freq_factor,
+  original_max_len) applies Llama 3.1's scaling: long wavelengths slowed down by `factor`, short
+  ones kept, and a smooth interpolation between."""
   half = head_dim // 2
   inv_freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if scaling is None:
+    return inv_freq_F
+  kind, factor, low_freq_factor, high_freq_factor, original_len = scaling
+  if kind != 'llama3':
+    raise ValueError(f'model.rope_scaling: unknown RoPE scaling {kind!r} (none | llama3)')
+  wavelen_F = 2 * jnp.pi / inv_freq_F
+  smooth_F = (original_len / wavelen_F - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed_F = (1 - smooth_F) * inv_freq_F / factor + smooth_F * inv_freq_F
+  scaled_F = jnp.where(wavelen_F > original_len / low_freq_factor, inv_freq_F / factor, inv_freq_F)
+  medium_F = (wavelen_F >= original_len / high_freq_factor) & (
+      wavelen_F <= original_len / low_freq_factor)
+  return jnp.where(medium_F, smoothed_F, scaled_F)
+
+
+def rope(x_BLHD, positions_BL, theta: float, scaling=None):
+  """Rotary position embedding, rotate-half layout (the Hugging Face LLaMA convention):
+  dimension i is paired with dimension i + head_dim / 2. `scaling`: see `rope_inv_freq`."""
+  head_dim = x_BLHD.shape[-1]
+  inv_freq_F = rope_inv_freq(head_dim, theta, scaling)
   angles_BLF = positions_BL[..., None].astype(jnp.float32) * inv_freq_F
   sin_BL1F = jnp.sin(angles_BLF)[:, :, None, :]
   cos_BL1F = jnp.cos(angles_BLF)[:, :, None, :]

@@ -49,6 +49,11 @@ class ModelConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   init_std: float = 0.02
+  rope_scaling: str = 'none'  # none | llama3
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -89,8 +94,11 @@ class Attention(nn.Module):
     q_BLHD = constrain(project(q_DHd, h), ('act_batch', 'act_len', 'act_heads', None))
     k_BLKD = constrain(project(k_DKd, k), ('act_batch', 'act_len', 'act_kv_heads', None))
     v_BLKD = constrain(project(v_DKd, k), ('act_batch', 'act_len', 'act_kv_heads', None))
-    q_BLHD = rope(q_BLHD, ctx['positions'], cfg.rope_theta)
-    k_BLKD = rope(k_BLKD, ctx['positions'], cfg.rope_theta)
+    scaling = None if cfg.rope_scaling == 'none' else (
+        cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    q_BLHD = rope(q_BLHD, ctx['positions'], cfg.rope_theta, scaling)
+    k_BLKD = rope(k_BLKD, ctx['positions'], cfg.rope_theta, scaling)
 
     kv_mask_args = {}
     if kv_cache is not None:

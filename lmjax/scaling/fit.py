@@ -63,7 +63,7 @@ def _minimise(theta0, log_n, log_d, log_loss, delta):
   bounds = [(None, None), (None, None), (None, None), (0.0, 5.0), (0.0, 5.0)]
   return optimize.minimize(_huber_objective, theta0, args=(log_n, log_d, log_loss, delta),
                            jac=True, method='L-BFGS-B', bounds=bounds,
-                           options={'maxiter': 2000, 'ftol': 1e-14, 'gtol': 1e-10})
+                           options={'maxiter': 2000, 'ftol': 1e-11, 'gtol': 1e-10})
 
 
 def _theta_to_params(theta) -> dict[str, float]:
@@ -72,7 +72,7 @@ def _theta_to_params(theta) -> dict[str, float]:
           'alpha': float(alpha), 'beta': float(beta)}
 
 
-def fit_parametric(n, d, loss, delta=1e-3, num_starts=8, extra_starts=()) -> dict:
+def fit_parametric(n, d, loss, delta=1e-3, num_starts=4, extra_starts=()) -> dict:
   """Approach 3 fit: {'E','A','B','alpha','beta','objective','theta'} from the best of L-BFGS-B
   runs started at the `num_starts` best grid points (and any `extra_starts` thetas)."""
   log_n, log_d, log_loss = np.log(n), np.log(d), np.log(loss)
@@ -108,12 +108,12 @@ def optimal_allocation_exact(params, flops, sizes, flops_per_token) -> tuple[flo
 def bootstrap_parametric(n, d, loss, fit, num_samples, seed=0, delta=1e-3, target_flops=None,
                          level=0.95) -> dict:
   """Percentile intervals {name: [low, high]} of the parameters (and of N_opt, D_opt at
-  target_flops) over fits to rows resampled with replacement."""
+  target_flops) over fits to rows resampled with replacement, each started from the full fit."""
   rng = np.random.default_rng(seed)
   samples = []
   for _ in range(num_samples):
     rows = rng.integers(0, len(loss), len(loss))
-    refit = fit_parametric(n[rows], d[rows], loss[rows], delta, num_starts=4,
+    refit = fit_parametric(n[rows], d[rows], loss[rows], delta, num_starts=0,
                            extra_starts=[fit['theta']])
     if target_flops:
       refit['N_opt'], refit['D_opt'] = optimal_allocation(refit, target_flops)
@@ -123,7 +123,7 @@ def bootstrap_parametric(n, d, loss, fit, num_samples, seed=0, delta=1e-3, targe
 
 def percentile_intervals(samples: list[dict], level: float) -> dict:
   tail = 50 * (1 - level)
-  names = [k for k, v in samples[0].items() if isinstance(v, float)]
+  names = [k for k, v in samples[0].items() if isinstance(v, float) and k != 'objective']
   return {k: [float(np.percentile([s[k] for s in samples], tail)),
               float(np.percentile([s[k] for s in samples], 100 - tail))] for k in names}
 

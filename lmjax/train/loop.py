@@ -178,6 +178,7 @@ def _run_loop(config, workdir, state, train_iter, eval_batches, train_fn, eval_f
         writer.write(step, 'eval', last_eval)
       if step % config.checkpoint_every == 0 or stop.stop:
         checkpointer.save(step, state, train_iter.get_state(), force=True)
+      _maybe_crash(step)
     if pending is not None:
       flush(pending)
 
@@ -199,6 +200,13 @@ def _run_loop(config, workdir, state, train_iter, eval_batches, train_fn, eval_f
   if is_lead:
     _write_json(os.path.join(workdir, 'summary.json'), summary)
   return summary
+
+
+def _maybe_crash(step: int) -> None:
+  """Fault injection for tests: LMJAX_CRASH_AT_STEP=N kills this process (SIGKILL) right after
+  step N is dispatched and its checkpoint save, if any, has started."""
+  if os.environ.get('LMJAX_CRASH_AT_STEP') == str(step):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json(path: str, value) -> None:

@@ -107,7 +107,7 @@ def train_step(step_cfg: StepConfig, tx: optax.GradientTransformation, schedule:
   weight = jnp.maximum(sums['weight'], 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   loss = sums['nll'] / weight
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
   spike = finite & _is_spike(state, loss, step_cfg)
   apply = finite & ~spike

@@ -1,0 +1,295 @@
+"""Import Hugging Face LLaMA / Mistral checkpoints into lmjax workdirs, and export them back.
+
+Weight layout (HF `nn.Linear` weights are (out, in); lmjax weights are (in, out...)):
+  model.embed_tokens.weight (V, D)                 embed (V, D)
+  model.layers.{i}.self_attn.q_proj.weight (H*Dh, D)  layers_{i}/attn/q (D, H, Dh)   (k, v: K heads)
+  model.layers.{i}.self_attn.o_proj.weight (D, H*Dh)  layers_{i}/attn/o (H, Dh, D)
+  model.layers.{i}.mlp.{gate,up}_proj.weight (F, D)   layers_{i}/mlp/{gate,up} (D, F)
+  model.layers.{i}.mlp.down_proj.weight (D, F)        layers_{i}/mlp/down (F, D)
+  model.layers.{i}.input_layernorm.weight             layers_{i}/attn_norm/scale
+  model.layers.{i}.post_attention_layernorm.weight    layers_{i}/mlp_norm/scale
+  model.norm.weight                                   final_norm/scale
+  lm_head.weight (V, D)                               lm_head (D, V)  (absent when tied)
+With `model.scan_layers` the per-layer weights are stacked under `layers/...` on a leading axis.
+
+RoPE: no permutation of q/k is needed. Hugging Face LLaMA checkpoints already use the rotate-half
+layout (dimension i rotates with i + Dh/2): the q/k rows were permuted from Meta's interleaved
+layout when the checkpoint was converted to HF format, and lmjax's `rope` uses rotate-half too.
+The logit-parity tests in tests/test_convert.py check this against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from lmjax import checkpoint
+from lmjax import config as config_lib
+from lmjax.convert import hf_config, weights
+from lmjax.convert.hf_config import ConversionError
+from lmjax.models import transformer
+
+# Copied from the HF dir into the workdir on import, and back on export.
+EXTRA_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
+               'special_tokens_map.json', 'added_tokens.json', 'generation_config.json')
+HF_CONFIG_COPY = 'hf_config.json'  # the imported model's own config, kept for export
+_IGNORED_TENSOR_SUFFIXES = ('.rotary_emb.inv_freq',)  # recomputed buffers in old checkpoints
+
+
+def merge_adapters(params):
+  """Folds adapters (LoRA) into the base weights before export.
+
+  Hook for lmjax.peft: today there are no adapters, so this is the identity. Export checks that
+  the tree holds exactly the base weights afterwards, so an adapter left unmerged is an error,
+  never silently dropped.
+  """
+  return params
+
+
+def _specs(cfg: transformer.ModelConfig):
+  """(layer index or None, path inside the layer or model, HF name, layout kind)."""
+  specs = [(None, ('embed',), 'model.embed_tokens.weight', 'copy')]
+  for i in range(cfg.num_layers):
+    pre = f'model.layers.{i}.'
+    specs += [
+        (i, ('attn', 'q'), pre + 'self_attn.q_proj.weight', 'proj_in'),
+        (i, ('attn', 'k'), pre + 'self_attn.k_proj.weight', 'proj_in'),
+        (i, ('attn', 'v'), pre + 'self_attn.v_proj.weight', 'proj_in'),
+        (i, ('attn', 'o'), pre + 'self_attn.o_proj.weight', 'proj_out'),
+        (i, ('attn_norm', 'scale'), pre + 'input_layernorm.weight', 'copy'),
+        (i, ('mlp', 'gate'), pre + 'mlp.gate_proj.weight', 'transpose'),
+        (i, ('mlp', 'up'), pre + 'mlp.up_proj.weight', 'transpose'),
+        (i, ('mlp', 'down'), pre + 'mlp.down_proj.weight', 'transpose'),
+        (i, ('mlp_norm', 'scale'), pre + 'post_attention_layernorm.weight', 'copy'),
+    ]
+  specs.append((None, ('final_norm', 'scale'), 'model.norm.weight', 'copy'))
+  if not cfg.tie_embeddings:
+    specs.append((None, ('lm_head',), 'lm_head.weight', 'transpose'))
+  return specs
+
+
+def _tree_path(cfg, layer, path):
+  if layer is None:
+    return path
+  return (('layers',) if cfg.scan_layers else (f'layers_{layer}',)) + path
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _to_lmjax(kind, w, shape, name):
+  hf_shape = w.shape
+  if kind != 'copy':
+    w = w.T
+  if w.size != int(np.prod(shape)) or (kind in ('copy', 'transpose') and w.shape != shape):
+    raise ConversionError(f'{name}: shape {hf_shape} does not match the config (lmjax expects '
+                          f'{shape} in its layout)')
+  return w.reshape(shape)
+
+
+def _to_hf(kind, p):
+  if kind == 'proj_in':
+    return p.reshape(p.shape[0], -1).T
+  if kind == 'proj_out':
+    return p.reshape(-1, p.shape[-1]).T
+  return p.T if kind == 'transpose' else p
+
+
+def abstract_params(cfg: transformer.ModelConfig):
+  """Shapes and dtypes of the unboxed params, without allocating them."""
+  return jax.eval_shape(lambda: nn.unbox(transformer.init_params(cfg, jax.random.key(0))))
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConversionError(f'{hf_dir}: no config.json (expected a Hugging Face model directory)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_hf_params(hf_dir: str, cfg: transformer.ModelConfig, *, allow_pickle: bool = False,
+                   shardings=None):
+  """The lmjax params of a HF checkpoint, read and placed one tensor at a time.
+
+  `shardings` (optional) is a tree like the params holding a `jax.sharding.Sharding` per leaf;
+  each tensor is `jax.device_put` straight into it.
+  """
+  abstract = abstract_params(cfg)
+  specs = _specs(cfg)
+  reader = weights.open_checkpoint(hf_dir, allow_pickle)
+  try:
+    present = set(reader.names())
+    expected = {name for _, _, name, _ in specs}
+    if cfg.tie_embeddings:
+      expected_optional = {'lm_head.weight'}  # some tied checkpoints store it anyway; unused
+    else:
+      expected_optional = set()
+    unexpected = sorted(n for n in present - expected - expected_optional
+                        if not n.endswith(_IGNORED_TENSOR_SUFFIXES))
+    if unexpected:
+      raise ConversionError(f'{unexpected[0]}: unexpected tensor in the checkpoint (e.g. a bias or '
+                            f'a layer lmjax does not have; {len(unexpected)} unexpected in all)')
+    missing = sorted(expected - present)
+    if missing:
+      raise ConversionError(f'{missing[0]}: missing from the checkpoint ({len(missing)} missing)')
+
+    def place(path, array):
+      sharding = _get(shardings, path) if shardings is not None else None
+      return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
+
+    params, stacked = {}, {}
+    for layer, path, name, kind in specs:
+      tree_path = _tree_path(cfg, layer, path)
+      leaf = _get(abstract, tree_path)
+      stacked_layer = cfg.scan_layers and layer is not None
+      shape = tuple(leaf.shape[1:]) if stacked_layer else tuple(leaf.shape)
+      array = _to_lmjax(kind, reader.get(name), shape, name).astype(leaf.dtype)
+      if stacked_layer:  # fill a host buffer; placed once every layer is in
+        if tree_path not in stacked:
+          stacked[tree_path] = np.empty(leaf.shape, leaf.dtype)
+        stacked[tree_path][layer] = array
+        if layer == cfg.num_layers - 1:
+          _set(params, tree_path, place(tree_path, stacked.pop(tree_path)))
+      else:
+        _set(params, tree_path, place(tree_path, array))
+      del array
+  finally:
+    reader.close()
+  return params
+
+
+def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32', allow_pickle: bool = False,
+              scan_layers: bool = False, shardings=None):
+  """Converts a HF model dir into an lmjax workdir (config.json, params/, tokenizer files).
+
+  Returns (config, params).
+  """
+  if dtype not in ('float32', 'bfloat16'):
+    raise ConversionError(f'--dtype: must be float32 or bfloat16; got {dtype!r}')
+  hf = read_hf_config(hf_dir)
+  model_values = hf_config.model_config_from_hf(hf)
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise ConversionError(f'{workdir}: already holds training checkpoints, which would take '
+                          'precedence over the converted params; use an empty workdir')
+  config = config_lib.base_config()
+  config.model.update(model_values)
+  config.model.param_dtype = dtype
+  config.model.scan_layers = scan_layers
+  config.seq_len = min(config.seq_len, config.model.max_seq_len)
+  config_lib.validate(config)
+  cfg = transformer.ModelConfig.from_config(config.model)
+  params = load_hf_params(hf_dir, cfg, allow_pickle=allow_pickle, shardings=shardings)
+
+  os.makedirs(workdir, exist_ok=True)
+  for file in EXTRA_FILES:
+    if os.path.isfile(os.path.join(hf_dir, file)):
+      shutil.copyfile(os.path.join(hf_dir, file), os.path.join(workdir, file))
+  for file in ('tokenizer.model', 'tokenizer.json'):  # SentencePiece first: lmjax reads it natively
+    if os.path.isfile(os.path.join(workdir, file)):
+      config.data.tokenizer = os.path.join(os.path.abspath(workdir), file)
+      break
+  with open(os.path.join(workdir, HF_CONFIG_COPY), 'w') as f:
+    json.dump(hf, f, indent=2)
+  checkpoint.save_params(workdir, params)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config_lib.to_json(config))
+  return config, params
+
+
+def load_workdir(workdir: str, params=None):
+  """(config, ModelConfig, params) of a workdir: its latest train checkpoint, else params/."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConversionError(f'{workdir}: no config.json (not an lmjax workdir)')
+  with open(path) as f:
+    config = config_lib.from_json(f.read())
+  cfg = transformer.ModelConfig.from_config(config.model)
+  if params is None:  # restore onto one device, whatever mesh the checkpoint was written under
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract_params(cfg))
+    params = checkpoint.load_params(workdir, abstract)
+  return config, cfg, params
+
+
+def _special_ids(config) -> dict:
+  if not config.data.tokenizer:
+    return {}
+  try:
+    from lmjax.convert.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+    tok = load_tokenizer(config.data.tokenizer)
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  return {'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id}
+
+
+def export_hf(workdir: str, hf_dir: str, *, dtype: str | None = None, params=None) -> dict:
+  """Writes `hf_dir/config.json` + `model.safetensors` (+ tokenizer files) for a workdir.
+
+  Returns the HF config dict. `dtype` defaults to the params' dtype.
+  """
+  config, cfg, params = load_workdir(workdir, params)
+  params = merge_adapters(params)
+  specs = _specs(cfg)
+  wanted = {_tree_path(cfg, layer, path) for layer, path, _, _ in specs}
+  leaves = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  if leaves != wanted:
+    extra = sorted('/'.join(p) for p in leaves - wanted) or sorted('/'.join(p)
+                                                                   for p in wanted - leaves)
+    raise ConversionError(f'{extra[0]}: params do not match the base architecture (unmerged '
+                          'adapters or a config mismatch)')
+  if dtype is None:
+    dtype = str(np.dtype(params['embed'].dtype))
+  if dtype not in ('float32', 'bfloat16'):
+    raise ConversionError(f'--dtype: must be float32 or bfloat16; got {dtype!r}')
+  np_dtype = np.dtype(dtype) if dtype == 'float32' else np.dtype(jax.numpy.bfloat16)
+
+  by_name = {}
+  tensors = []
+  for layer, path, name, kind in specs:
+    leaf = _get(params, _tree_path(cfg, layer, path))
+    shape = leaf.shape[1:] if cfg.scan_layers and layer is not None else leaf.shape
+    hf_shape = _to_hf(kind, np.empty(shape, np.int8)).shape
+    tensors.append((name, hf_shape, np_dtype))
+    by_name[name] = (layer, path, kind)
+
+  def produce(name):
+    layer, path, kind = by_name[name]
+    leaf = _get(params, _tree_path(cfg, layer, path))
+    if cfg.scan_layers and layer is not None:
+      leaf = leaf[layer]
+    return _to_hf(kind, np.asarray(jax.device_get(leaf))).astype(np_dtype)
+
+  os.makedirs(hf_dir, exist_ok=True)
+  weights.write_safetensors(os.path.join(hf_dir, 'model.safetensors'), tensors, produce)
+  base = None
+  if os.path.isfile(os.path.join(workdir, HF_CONFIG_COPY)):
+    with open(os.path.join(workdir, HF_CONFIG_COPY)) as f:
+      base = json.load(f)
+  hf = hf_config.hf_config_from_model(config.model, dtype, base, _special_ids(config))
+  with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  for file in EXTRA_FILES:
+    if os.path.isfile(os.path.join(workdir, file)):
+      shutil.copyfile(os.path.join(workdir, file), os.path.join(hf_dir, file))
+  tok_path = config.data.tokenizer
+  if tok_path and os.path.isfile(tok_path):  # e.g. a tokenizer lmjax trained for this model
+    target = 'tokenizer.json' if tok_path.endswith('.json') else 'tokenizer.model'
+    if not os.path.exists(os.path.join(hf_dir, target)):
+      shutil.copyfile(tok_path, os.path.join(hf_dir, target))
+  return hf
