@@ -93,6 +93,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   for axis in ('data', 'fsdp', 'tensor', 'pipeline'):
     c.mesh[axis] = -1 if axis == 'data' else 1
+  for axis in ('data', 'fsdp', 'tensor', 'pipeline'):  # how much of each axis spans slices/hosts
+    c.mesh[f'dcn_{axis}'] = 1
+  c.sharding = 'dp_fsdp_tp'  # dp | zero1 | fsdp | fsdp_tp | dp_fsdp_tp (docs/parallelism.md)
+  c.sharding_rules = ''  # overrides of the preset: 'embed=fsdp,mlp=tensor,act_len='
+  c.pipeline_microbatches = 1  # GPipe micro-batches per (accumulation) micro-batch
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator = ''  # host:port of process 0; empty = auto-detect (TPU pod, SLURM)
+  c.distributed.num_processes = 0  # 0 = from the environment
+  c.distributed.process_id = -1  # -1 = from the environment
+  c.distributed.heartbeat_timeout_s = 30  # a dead peer makes the others exit after about this
+  c.distributed.initialization_timeout_s = 300
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = 'def '
@@ -100,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.temperature = 0.0
   c.sample.top_k = 0
   c.sample.top_p = 1.0
+  c.sample.min_p = 0.0
+  c.sample.repetition_penalty = 1.0
+  c.sample.num_beams = 1  # > 1 = beam search
+  c.sample.length_penalty = 1.0  # beam score = sum log-prob / length ** length_penalty
   return c
 
 
@@ -111,6 +127,7 @@ _CHOICES = {
     'optimizer.name': ('adamw', 'adafactor', 'lion', 'sgd'),
     'optimizer.schedule': ('cosine', 'linear', 'wsd', 'constant'),
     'data.on_bad_input': ('error', 'skip'),
+    'sharding': ('dp', 'zero1', 'fsdp', 'fsdp_tp', 'dp_fsdp_tp'),
 }
 _POSITIVE = ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every', 'eval_every',
              'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_in_a_row', 'model.vocab_size',
@@ -123,7 +140,14 @@ _NON_NEGATIVE = ('eval_batches', 'model.head_dim', 'model.sliding_window', 'opti
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file (a path, or a preset name such as `tiny`)."""
+  """Loads `get_config()` from a config file (a path, or a preset name such as `tiny`), or a
+  resolved `config.json` that a workdir holds."""
+  if path.endswith('.json'):
+    try:
+      with open(path, encoding='utf-8') as f:
+        return from_json(f.read())
+    except OSError as e:
+      raise ConfigError(f'--config: cannot read {path!r}: {e.strerror}') from None
   if not os.path.exists(path):
     preset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                           f'{path}.py')
@@ -278,6 +302,8 @@ def _validate_mesh(config, num_devices):
   if m.num_layers % sizes['pipeline']:
     raise ConfigError(f'mesh.pipeline: {sizes["pipeline"]} does not divide '
                       f'model.num_layers={m.num_layers}')
+  from lmjax.parallel.sharding import validate_parallelism  # pylint: disable=g-import-not-at-top
+  validate_parallelism(config, num_devices)  # presets, DCN factors, divisibility, pipeline
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -1,72 +1,29 @@
-"""Batched generation over a preallocated KV cache: one jitted prefill + `lax.while_loop` decode.
+"""Batched generation over a preallocated KV cache: a jitted prefill, then a jitted decode loop.
 
 Prompts of different lengths are left-padded; padding carries segment id 0 so no real token ever
-attends it, and each row's positions start at 0 at its first real token. Decoding strategies share
-one entry point: greedy (temperature 0), temperature, top-k, top-p (nucleus), min-p and repetition
-penalty, all applied to the logits before sampling.
+attends it, and each row's positions start at 0 at its first real token (masks by segment id and
+position, nothing is recomputed). `prefill` runs the prompts once and returns the cache; `decode`
+(sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty) or `beam_search` continues
+it inside one `lax.while_loop`, stopping when every row has emitted a stop token or after
+`max_new_tokens`. The cache is donated to `decode`, so its buffer is updated in place. Nothing in
+the jitted functions touches the host, so sharded params work unchanged (GQA/MQA caches hold one
+K/V per kv head).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.inference.beam import beam_search
+from lmjax.inference.sampling import SamplingConfig, choose, filter_logits, sample_tokens
 from lmjax.models.transformer import ModelConfig, forward, init_cache
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  max_new_tokens: int = 128
-  temperature: float = 0.0  # 0 = greedy
-  top_k: int = 0  # 0 = off
-  top_p: float = 1.0  # 1 = off
-  min_p: float = 0.0  # 0 = off
-  repetition_penalty: float = 1.0  # 1 = off
-  stop_ids: tuple[int, ...] = ()  # EOS and any other stop tokens
-
-
-def filter_logits(logits_BV, cfg: SamplingConfig, seen_BV=None):
-  """Applies repetition penalty, temperature, top-k, top-p and min-p; masked entries are -inf."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  if cfg.repetition_penalty != 1.0 and seen_BV is not None:
-    penalised = jnp.where(logits_BV > 0, logits_BV / cfg.repetition_penalty,
-                          logits_BV * cfg.repetition_penalty)
-    logits_BV = jnp.where(seen_BV, penalised, logits_BV)
-  if cfg.temperature > 0:
-    logits_BV = logits_BV / cfg.temperature
-  neg_inf = -jnp.inf
-  if cfg.top_k > 0:
-    kth_B1 = jax.lax.top_k(logits_BV, cfg.top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_B1, neg_inf, logits_BV)
-  if cfg.top_p < 1.0:
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    # the smallest logit still inside the nucleus (the first token is always kept)
-    cutoff_B1 = jnp.min(jnp.where(mass_before_BV < cfg.top_p, sorted_BV, jnp.inf), axis=-1,
-                        keepdims=True)
-    logits_BV = jnp.where(logits_BV < cutoff_B1, neg_inf, logits_BV)
-  if cfg.min_p > 0:
-    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-    threshold_B1 = cfg.min_p * jnp.max(probs_BV, axis=-1, keepdims=True)
-    logits_BV = jnp.where(probs_BV < threshold_B1, neg_inf, logits_BV)
-  return logits_BV
-
-
-def _choose(logits_BV, cfg: SamplingConfig, seen_BV, rng):
-  """Next tokens and their log-probabilities under the model's (temperature-scaled) distribution."""
-  filtered_BV = filter_logits(logits_BV, cfg, seen_BV)
-  if cfg.temperature > 0:
-    tokens_B = jax.random.categorical(rng, filtered_BV, axis=-1)
-  else:
-    tokens_B = jnp.argmax(filtered_BV, axis=-1)
-  scale = cfg.temperature if cfg.temperature > 0 else 1.0
-  log_probs_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / scale, axis=-1)
-  return tokens_B, jnp.take_along_axis(log_probs_BV, tokens_B[:, None], axis=-1)[:, 0]
+__all__ = ['SamplingConfig', 'decode', 'filter_logits', 'generate', 'generate_without_cache',
+           'left_pad', 'prefill', 'sample_tokens']
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
@@ -86,66 +43,102 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
   return tokens, positions, segments
 
 
-@functools.partial(jax.jit, static_argnames=('model_cfg', 'cfg'))
-def _generate(model_cfg: ModelConfig, cfg: SamplingConfig, params, tokens_BP, positions_BP,
-              segments_BP, rng):
-  batch, prompt_len = tokens_BP.shape
-  cache = init_cache(model_cfg, batch, prompt_len + cfg.max_new_tokens)
+@functools.partial(jax.jit, static_argnames=('model_cfg', 'max_len'))
+def prefill(model_cfg: ModelConfig, params, tokens_BP, positions_BP, segments_BP, max_len: int):
+  """Runs the prompts into a fresh cache of `max_len` slots: (last-token logits_BV, cache)."""
+  cache = init_cache(model_cfg, tokens_BP.shape[0], max_len)
   logits_BPV, cache = forward(model_cfg, params, tokens_BP, positions_BP, segments_BP, cache)
-  seen_BV = jnp.zeros((batch, model_cfg.vocab_size), bool)
-  if cfg.repetition_penalty != 1.0:
-    seen_BV = seen_BV.at[jnp.arange(batch)[:, None], tokens_BP].max(segments_BP > 0)
+  return logits_BPV[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=('model_cfg', 'cfg'), donate_argnames=('cache',))
+def decode(model_cfg: ModelConfig, cfg: SamplingConfig, params, cache, logits_BV, next_pos_B,
+           prompt_BP, prompt_segments_BP, rng):
+  """Samples up to `max_new_tokens` tokens per row continuing a prefilled cache.
+
+  `logits_BV` are the logits after each prompt's last token, `next_pos_B` the position of the first
+  new token; the prompt tokens feed the repetition penalty. Returns (tokens_BN, logprobs_BN,
+  finished_B, lengths_B, cache); a row's entries after its stop token are 0.
+  """
+  batch, n = logits_BV.shape[0], cfg.max_new_tokens
   stop_ids = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+  track_seen = cfg.repetition_penalty != 1.0
+  seen_BV = jnp.zeros((batch, model_cfg.vocab_size if track_seen else 1), bool)
+  if track_seen:
+    seen_BV = seen_BV.at[jnp.arange(batch)[:, None], prompt_BP].max(prompt_segments_BP > 0)
 
-  def emit(carry, logits_BV):
-    """Chooses the next token from `logits_BV` and records it at column `t`."""
-    t, cache, _, next_pos_B, out_BN, logp_BN, done_B, seen_BV, rng = carry
-    rng, key = jax.random.split(rng)
-    token_B, logp_B = _choose(logits_BV, cfg, seen_BV, key)
-    token_B = jnp.where(done_B, 0, token_B)
-    out_BN = out_BN.at[:, t].set(token_B)
-    logp_BN = logp_BN.at[:, t].set(jnp.where(done_B, 0.0, logp_B))
-    seen_BV = seen_BV.at[jnp.arange(batch), token_B].set(True)
-    done_B = done_B | jnp.isin(token_B, stop_ids)
-    return (t + 1, cache, token_B, next_pos_B, out_BN, logp_BN, done_B, seen_BV, rng)
+  def emit(s, logits_BV):
+    """Chooses the tokens at column `t` from `logits_BV`."""
+    rng, key = jax.random.split(s['rng'])
+    token_B, logp_B = choose(logits_BV, cfg, key, s['seen'] if track_seen else None)
+    live_B = ~s['done']
+    token_B = jnp.where(live_B, token_B, 0)
+    seen = s['seen'].at[jnp.arange(batch), token_B].set(True) if track_seen else s['seen']
+    return dict(
+        s, t=s['t'] + 1, rng=rng, token=token_B, seen=seen,
+        tokens=s['tokens'].at[:, s['t']].set(token_B),
+        logprobs=s['logprobs'].at[:, s['t']].set(jnp.where(live_B, logp_B, 0.0)),
+        lengths=s['lengths'] + live_B.astype(jnp.int32),
+        done=s['done'] | jnp.isin(token_B, stop_ids))
 
-  def decode(carry):
-    t, cache, token_B, pos_B = carry[:4]
-    logits_B1V, cache = forward(model_cfg, params, token_B[:, None], pos_B[:, None],
-                                jnp.ones((batch, 1), jnp.int32), cache)
-    carry = (t, cache, token_B, pos_B + 1) + carry[4:]
-    return emit(carry, logits_B1V[:, 0])
+  def step(s):
+    logits_B1V, cache = forward(model_cfg, params, s['token'][:, None], s['pos'][:, None],
+                                jnp.ones((batch, 1), jnp.int32), s['cache'])
+    return emit(dict(s, cache=cache, pos=s['pos'] + 1), logits_B1V[:, 0])
 
-  def not_done(carry):
-    t, done_B = carry[0], carry[6]
-    return (t < cfg.max_new_tokens) & ~jnp.all(done_B)
-
-  n = cfg.max_new_tokens
-  carry = (jnp.zeros((), jnp.int32), cache, jnp.zeros((batch,), jnp.int32),
-           jnp.max(positions_BP, axis=1) + 1, jnp.zeros((batch, n), jnp.int32),
-           jnp.zeros((batch, n), jnp.float32), jnp.zeros((batch,), bool), seen_BV, rng)
-  carry = emit(carry, logits_BPV[:, -1])
-  carry = jax.lax.while_loop(not_done, decode, carry)
-  out_BN, logp_BN, done_B = carry[4], carry[5], carry[6]
-  return out_BN, logp_BN, done_B
+  state = {
+      't': jnp.zeros((), jnp.int32), 'cache': cache, 'token': jnp.zeros((batch,), jnp.int32),
+      'pos': next_pos_B.astype(jnp.int32), 'tokens': jnp.zeros((batch, n), jnp.int32),
+      'logprobs': jnp.zeros((batch, n), jnp.float32), 'lengths': jnp.zeros((batch,), jnp.int32),
+      'done': jnp.zeros((batch,), bool), 'seen': seen_BV, 'rng': rng,
+  }
+  state = emit(state, logits_BV)
+  state = jax.lax.while_loop(lambda s: (s['t'] < n) & ~jnp.all(s['done']), step, state)
+  return state['tokens'], state['logprobs'], state['done'], state['lengths'], state['cache']
 
 
 def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], cfg: SamplingConfig,
              seed: int = 0, pad_id: int = 0) -> dict:
-  """Samples continuations of token-id prompts.
+  """Continues token-id prompts: sampling (`num_beams == 1`) or beam search (`num_beams > 1`).
 
   Returns numpy arrays: `tokens` (B, max_new_tokens; 0 after a row stops), `logprobs` (the chosen
-  tokens' log-probabilities under the temperature-scaled model distribution; 0 after a stop),
-  `finished` (B,) whether the row emitted a stop token, and `lengths` (tokens up to and including
-  the stop token).
+  tokens' log-probabilities under the temperature-scaled model distribution, before penalties and
+  truncation; 0 after a stop), `finished` (B,) whether the row emitted a stop token, and `lengths`
+  (tokens up to and including the stop token). Beam search adds `scores` (B,): the best beam's
+  length-penalised score. The same seed gives the same output.
   """
   tokens_BP, positions_BP, segments_BP = left_pad(prompts, pad_id)
-  out_BN, logp_BN, done_B = _generate(model_cfg, cfg, params, tokens_BP, positions_BP,
-                                      segments_BP, jax.random.key(seed))
-  out_BN, logp_BN, done_B = jax.device_get((out_BN, logp_BN, done_B))
-  lengths = np.full(len(prompts), cfg.max_new_tokens)
-  for row in range(len(prompts)):
-    stops = np.nonzero(np.isin(out_BN[row], cfg.stop_ids))[0] if cfg.stop_ids else []
-    if len(stops):
-      lengths[row] = stops[0] + 1
-  return {'tokens': out_BN, 'logprobs': logp_BN, 'finished': done_B, 'lengths': lengths}
+  max_len = tokens_BP.shape[1] + cfg.max_new_tokens
+  logits_BV, cache = prefill(model_cfg, params, tokens_BP, positions_BP, segments_BP,
+                             max_len=max_len)
+  next_pos_B = np.asarray([len(p) for p in prompts], np.int32)
+  if cfg.num_beams > 1:
+    return jax.device_get(beam_search(model_cfg, cfg, params, cache, logits_BV, next_pos_B))
+  out = decode(model_cfg, cfg, params, cache, logits_BV, next_pos_B, tokens_BP, segments_BP,
+               jax.random.key(seed))
+  tokens, logprobs, finished, lengths = jax.device_get(out[:4])
+  return {'tokens': tokens, 'logprobs': logprobs, 'finished': finished, 'lengths': lengths}
+
+
+@functools.partial(jax.jit, static_argnames=('model_cfg', 'max_new_tokens'))
+def generate_without_cache(model_cfg: ModelConfig, params, tokens_BP, positions_BP, segments_BP,
+                           max_new_tokens: int):
+  """Greedy decoding that recomputes the full forward pass every step (no KV cache).
+
+  The baseline of `tools/bench_generate.py`: a fixed buffer of P + N slots (so one program serves
+  every step), the slots not yet written marked as padding. Returns the new tokens (B, N).
+  """
+  p = tokens_BP.shape[1]
+  pad = lambda a: jnp.pad(a, ((0, 0), (0, max_new_tokens)))
+  last_pos_B = jnp.max(positions_BP, axis=1)
+  positions_BT = pad(positions_BP).at[:, p:].set(last_pos_B[:, None] + 1 +
+                                                  jnp.arange(max_new_tokens))
+
+  def step(t, carry):
+    tokens_BT, segments_BT = carry
+    logits_BTV, _ = forward(model_cfg, params, tokens_BT, positions_BT, segments_BT)
+    token_B = jnp.argmax(logits_BTV[:, p + t - 1], axis=-1).astype(jnp.int32)
+    return tokens_BT.at[:, p + t].set(token_B), segments_BT.at[:, p + t].set(1)
+
+  tokens_BT, _ = jax.lax.fori_loop(0, max_new_tokens, step, (pad(tokens_BP), pad(segments_BP)))
+  return tokens_BT[:, p:]

@@ -1,7 +1,8 @@
 """Sweep definitions, the resumable local runner, results.csv and cluster dry runs."""
 
-import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -131,23 +132,23 @@ def test_interrupted_sweep_loses_and_duplicates_no_rows(sweep_file, tmp_path):
   assert sorted(rows) == sorted(names)
 
 
-def _add_rows(path, worker):
-  for i in range(12):
-    results.add_row(path, {'name': f'shared{i}', 'eval_loss': worker})
-    results.add_row(path, {'name': f'own{worker}_{i}', 'eval_loss': worker})
+ADD_ROWS = """
+import sys
+from lmjax.scaling import results
+path, worker = sys.argv[1], sys.argv[2]
+for i in range(12):
+  results.add_row(path, {'name': f'shared{i}', 'eval_loss': worker})
+  results.add_row(path, {'name': f'own{worker}_{i}', 'eval_loss': worker})
+"""
 
 
 def test_concurrent_writers_neither_lose_nor_duplicate_rows(tmp_path):
   path = str(tmp_path / 'results.csv')
-  context = multiprocessing.get_context('fork')
-  workers = [context.Process(target=_add_rows, args=(path, w)) for w in range(4)]
-  for w in workers:
-    w.start()
-  for w in workers:
-    w.join()
+  writers = [subprocess.Popen([sys.executable, '-c', ADD_ROWS, path, str(w)]) for w in range(4)]
+  assert all(w.wait() == 0 for w in writers)
   names = [r['name'] for r in results.read_rows(path)]
   assert len(names) == len(set(names)) == 12 + 4 * 12
-  assert list(results.read_rows(path)[0]) [:len(results.REQUIRED_COLUMNS)] == list(
+  assert list(results.read_rows(path)[0])[:len(results.REQUIRED_COLUMNS)] == list(
       results.REQUIRED_COLUMNS)
 
 

@@ -8,7 +8,8 @@
 from lmjax.convert.hf import (abstract_params, export_hf, import_hf, load_hf_params, load_workdir,
                               merge_adapters)
 from lmjax.convert.hf_config import ConversionError, hf_config_from_model, model_config_from_hf
-from lmjax.convert.tokenizer import HFTokenizer, load_tokenizer
+from lmjax.convert.tokenizer import HFTokenizer
+from lmjax.data.tokenizer import load_tokenizer
 
 __all__ = [
     'ConversionError', 'HFTokenizer', 'abstract_params', 'export_hf', 'hf_config_from_model',

@@ -231,7 +231,7 @@ def _special_ids(config) -> dict:
   if not config.data.tokenizer:
     return {}
   try:
-    from lmjax.convert.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+    from lmjax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
     tok = load_tokenizer(config.data.tokenizer)
   except Exception:  # pylint: disable=broad-except
     return {}

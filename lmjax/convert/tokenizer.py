@@ -1,7 +1,8 @@
 """Hugging Face `tokenizer.json` tokenizers behind the lmjax tokenizer interface.
 
-`load_tokenizer(path)` picks by file type: a `.json` file gives an `HFTokenizer` (needs the
-`tokenizers` package), anything else is a SentencePiece model loaded by `lmjax.data.tokenizer`.
+`lmjax.data.tokenizer.load_tokenizer(path)` picks by file type: a `.json` file gives an
+`HFTokenizer` (through `load_hf_tokenizer`, needs the `tokenizers` package), anything else is a
+SentencePiece model.
 Both expose `encode(text) -> list[int]` (no special tokens added), `decode(ids) -> str`,
 `vocab_size`, `bos_id`, `eos_id`, `pad_id`, and both pickle (for data-loading workers).
 
@@ -102,11 +103,3 @@ def load_hf_tokenizer(path: str, vocab_size: int | None = None) -> HFTokenizer:
     raise sources_lib.DataError(f'data.tokenizer: {path!r} has {tok.vocab_size} tokens, more than '
                                 f'model.vocab_size={vocab_size}')
   return tok
-
-
-def load_tokenizer(path: str, vocab_size: int | None = None):
-  """A tokenizer by file type: `.json` -> HFTokenizer, else a SentencePiece model."""
-  if path.endswith('.json'):
-    return load_hf_tokenizer(path, vocab_size)
-  from lmjax.data.tokenizer import load_tokenizer as load_sentencepiece  # pylint: disable=g-import-not-at-top
-  return load_sentencepiece(path, vocab_size)

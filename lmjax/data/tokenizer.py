@@ -189,7 +189,11 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None) -> Tokenizer:
-  """Loads a `.model` file; errors name `data.tokenizer` and the path."""
+  """Loads a SentencePiece `.model`, or a Hugging Face `tokenizer.json` (through the `tokenizers`
+  package); errors name `data.tokenizer` and the path."""
+  if path.endswith('.json'):
+    from lmjax.convert.tokenizer import load_hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return load_hf_tokenizer(path, vocab_size)
   if not os.path.isfile(path):
     raise sources_lib.DataError(f'data.tokenizer: no such SentencePiece model: {path!r}')
   with open(path, 'rb') as f:

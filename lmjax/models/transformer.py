@@ -138,7 +138,7 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None):
+  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None, return_hidden=False):
     cfg = self.cfg
     batch, length = tokens_BL.shape
     embed_VD = param_with_axes(self, 'embed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
@@ -183,6 +183,8 @@ class Transformer(nn.Module):
     logits_TV = jnp.dot(x_TD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
     logits_BLV = constrain(logits_TV.reshape(batch, length, cfg.vocab_size),
                            ('act_batch', 'act_len', 'act_vocab'))
+    if return_hidden:  # post-training heads (reward, value) read the final-norm hidden state
+      logits_BLV = (logits_BLV, x_TD.reshape(batch, length, cfg.d_model))
     if cache is None:
       return logits_BLV, None
     new_cache = dict(layer_caches, segment_ids=ctx['kv_segment_ids'],
@@ -213,3 +215,10 @@ def init_params(cfg: ModelConfig, rng, batch: int = 1, length: int = 8):
 def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, cache=None):
   """Pure forward pass on plain (unboxed) params: (logits_BLV float32, new cache or None)."""
   return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, cache)
+
+
+def forward_hidden(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL):
+  """(logits_BLV float32, final-norm hidden states hidden_BLD) without a cache."""
+  (logits_BLV, hidden_BLD), _ = Transformer(cfg).apply(
+      {'params': params}, tokens_BL, positions_BL, segment_ids_BL, None, return_hidden=True)
+  return logits_BLV, hidden_BLD

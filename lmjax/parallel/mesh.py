@@ -1,60 +1,67 @@
 """The device mesh and the logical-axis rules that map model axis names onto it.
 
 Every parameter and activation names its axes logically ('embed', 'heads', 'act_batch', ...);
-`LOGICAL_RULES` decides which mesh axes each name is split over. With every mesh axis but `data`
-of size 1 this is plain data parallelism; `fsdp` shards parameters and optimizer state, `tensor`
-splits heads and the MLP.
+the rules of the `sharding` preset (see `sharding.py`) decide which mesh axes each name is split
+over. Mesh axes: `data` (batch split, params replicated), `fsdp` (batch split, params and optimizer
+state sharded), `tensor` (heads and MLP split), `pipeline` (layers split into stages).
+
+`mesh.<axis>` is the axis' total size; `mesh.dcn_<axis>` says how many of those are spread over
+slower links (several TPU slices, or several hosts of a GPU cluster). The device order comes from
+`mesh_utils.create_device_mesh` (one slice / host) or `create_hybrid_device_mesh` (ICI within a
+granule, DCN across), so the fast-collective axes land on neighbouring devices.
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lmjax.config import mesh_shape
+from lmjax.config import ConfigError, mesh_shape
+from lmjax.parallel import sharding as sharding_lib
+from lmjax.parallel.sharding import BATCH_AXES, MESH_AXES  # noqa: F401  (re-exported)
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
-BATCH_AXES = ('data', 'fsdp')
+# The default preset's rules (parameters and activations), for callers without a config.
+LOGICAL_RULES = sharding_lib.preset_rules(sharding_lib.DEFAULT_PRESET)[0]
+logical_shardings = sharding_lib.logical_shardings
+state_shardings = sharding_lib.state_shardings
 
-# logical axis name -> mesh axes (None = replicated)
-LOGICAL_RULES = (
-    # activations
-    ('act_batch', BATCH_AXES),
-    ('act_tokens', BATCH_AXES),
-    ('act_len', None),
-    ('act_embed', None),
-    ('act_heads', 'tensor'),
-    ('act_kv_heads', 'tensor'),
-    ('act_mlp', 'tensor'),
-    ('act_vocab', 'tensor'),
-    # parameters
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('head_dim', None),
-    ('mlp', 'tensor'),
-    ('norm', None),
-    ('layers', None),
-)
+
+def device_grid(config, devices) -> np.ndarray:
+  """Devices arranged as the mesh: (data, fsdp, tensor, pipeline)."""
+  sizes = mesh_shape(config, len(devices))
+  shape = tuple(sizes[axis] for axis in MESH_AXES)
+  dcn = tuple(config.mesh.get(f'dcn_{axis}', 1) for axis in MESH_AXES)
+  if any(d != 1 for d in dcn):
+    for axis, size, d in zip(MESH_AXES, shape, dcn):
+      if d < 1 or size % d:
+        raise ConfigError(f'mesh.dcn_{axis}: {d} must be positive and divide mesh.{axis}={size}')
+    ici = tuple(size // d for size, d in zip(shape, dcn))
+    by_process = not hasattr(devices[0], 'slice_index') or devices[0].platform != 'tpu'
+    try:
+      return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                  process_is_granule=by_process)
+    except (ValueError, AssertionError) as e:
+      raise ConfigError(f'mesh.dcn_*: cannot lay out ICI {ici} x DCN {dcn} over these devices: '
+                        f'{e}') from None
+  try:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    return np.asarray(devices).reshape(shape)
 
 
 def make_mesh(config, devices=None) -> Mesh:
   """A mesh with the config's axis sizes (`-1` fills the rest), Auto axis types so that GSPMD
   propagates shardings from the constraints we give."""
-  devices = jax.devices() if devices is None else devices
-  sizes = mesh_shape(config, len(devices))
-  shape = tuple(sizes[axis] for axis in MESH_AXES)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(device_grid(config, devices), MESH_AXES,
               axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
-  """NamedShardings for a tree of logically partitioned (boxed) values."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+def rules(config) -> tuple[tuple, tuple]:
+  """(params-and-activations rules, optimizer-state rules) of the config's `sharding` preset."""
+  return sharding_lib.rules_from_config(config)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

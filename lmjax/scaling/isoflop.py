@@ -110,6 +110,8 @@ def design_isoflop(budgets, base_config, family='llama', num_sizes=5, span=10.0,
   family = shapes_lib.get_family(family) if isinstance(family, str) else family
   batch_size = batch_size or base_config.batch_size
   seq_len = seq_len or base_config.seq_len
+  if seq_len > base_config.model.max_seq_len:
+    raise ValueError(f'seq_len {seq_len} exceeds model.max_seq_len={base_config.model.max_seq_len}')
   ladder = shapes_lib.ladder(family)
   sizes = _sizes_of_ladder(base_config.model, ladder, seq_len)
   points, dropped, notes = [], [], []

@@ -21,7 +21,9 @@ from lmjax import data as data_lib
 from lmjax.evaluate import held_out_loss
 from lmjax.models import attention as attention_lib
 from lmjax.optim import make_optimizer
+from lmjax.parallel import distributed as distributed_lib
 from lmjax.parallel import mesh as mesh_lib
+from lmjax.parallel.pipeline import bubble_fraction
 from lmjax.perf import peak_flops_per_device
 from lmjax.scaling.flops import flops_per_token
 from lmjax.train import step as step_lib
@@ -61,15 +63,17 @@ def build_state(config, mesh, tx):
   Nothing is allocated until `create_fn()` runs, and then directly sharded.
   """
   step_cfg = step_lib.StepConfig.from_config(config)
-  boxed = jax.eval_shape(lambda: step_lib.init_state(step_cfg, tx, config.seed))
-  param_shardings = mesh_lib.logical_shardings(boxed.params, mesh)
+  with nn.logical_axis_rules(()):  # init traces the model on a 1-row batch: no constraints
+    boxed = jax.eval_shape(lambda: step_lib.init_state(step_cfg, tx, config.seed))
+  shardings = mesh_lib.state_shardings(boxed, tx, mesh, *mesh_lib.rules(config))
 
   def create():
-    state = step_lib.init_state(step_cfg, tx, config.seed)
-    params = jax.lax.with_sharding_constraint(nn.unbox(state.params), param_shardings)
+    with nn.logical_axis_rules(()):
+      state = step_lib.init_state(step_cfg, tx, config.seed)
+    params = jax.lax.with_sharding_constraint(nn.unbox(state.params), shardings.params)
     return state.replace(params=params, opt_state=tx.init(params))
 
-  compiled = jax.jit(create).lower().compile()
+  compiled = jax.jit(create, out_shardings=shardings).lower().compile()
   shapes = jax.eval_shape(create)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, compiled.output_shardings)
@@ -90,6 +94,7 @@ def _init_params_from(source: str, state, abstract_state):
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) per `config` in `workdir`; returns the run summary."""
   start_time = time.time()
+  distributed_lib.initialize(config)  # multi-host: before anything touches the devices
   config_lib.validate(config, jax.device_count())
   attention_lib.check_available(config.model.attention)
   os.makedirs(workdir, exist_ok=True)
@@ -109,7 +114,7 @@ def train(config, workdir: str) -> dict:
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   batch_sharding = mesh_lib.batch_sharding(mesh)
 
-  with mesh, nn.logical_axis_rules(list(mesh_lib.LOGICAL_RULES)):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.rules(config)[0])):
     create_state, abstract_state = build_state(config, mesh, tx)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -138,6 +143,9 @@ def _run_loop(config, workdir, state, train_iter, eval_batches, train_fn, eval_f
   tokens_per_step = config.batch_size * config.seq_len
   model_flops_per_token = flops_per_token(config.model, config.seq_len)['total']
   peak = peak_flops_per_device() * jax.device_count()
+  stages = config_lib.mesh_shape(config, jax.device_count())['pipeline']
+  extra = ({'pipeline_bubble': bubble_fraction(stages, config.pipeline_microbatches)}
+           if stages > 1 else {})
   writer = MetricsWriter(workdir, config.steps, start_step, enabled=is_lead,
                          progress_bar=config.progress_bar)
   pending = None  # (step, device metrics) of the last dispatched step
@@ -159,7 +167,7 @@ def _run_loop(config, workdir, state, train_iter, eval_batches, train_fn, eval_f
       tokens_per_second = window_steps * tokens_per_step / max(elapsed, 1e-9)
       last_train = {k: float(v) for k, v in metrics.items()}
       last_train.update(tokens_per_second=tokens_per_second,
-                        mfu=tokens_per_second * model_flops_per_token / peak)
+                        mfu=tokens_per_second * model_flops_per_token / peak, **extra)
       writer.write(step, 'train', last_train)
       window_start, window_steps = time.perf_counter(), 0
 
@@ -204,9 +212,12 @@ def _run_loop(config, workdir, state, train_iter, eval_batches, train_fn, eval_f
 
 def _maybe_crash(step: int) -> None:
   """Fault injection for tests: LMJAX_CRASH_AT_STEP=N kills this process (SIGKILL) right after
-  step N is dispatched and its checkpoint save, if any, has started."""
+  step N is dispatched and its checkpoint save, if any, has started; LMJAX_STEP_DELAY=S sleeps S
+  seconds per step so that a test can signal a run in flight."""
   if os.environ.get('LMJAX_CRASH_AT_STEP') == str(step):
     os.kill(os.getpid(), signal.SIGKILL)
+  if float(os.environ.get('LMJAX_STEP_DELAY') or 0):
+    time.sleep(float(os.environ['LMJAX_STEP_DELAY']))
 
 
 def _write_json(path: str, value) -> None:

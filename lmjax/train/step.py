@@ -9,6 +9,7 @@ above the recent mean) leaves params and optimizer state untouched and is counte
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from lmjax.losses import cross_entropy
+from lmjax.parallel import pipeline as pipeline_lib
 from lmjax.models.transformer import ModelConfig, forward
 
 
@@ -40,11 +42,13 @@ class StepConfig:
   z_loss: float = 0.0
   spike_sigmas: float = 0.0
   spike_window: int = 100
+  pipeline: tuple = (1, 1)  # (stages, micro-batches); stages > 1 = GPipe over mesh.pipeline
 
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
     return cls(ModelConfig.from_config(config.model), config.grad_accum_steps, config.z_loss,
-               config.spike_sigmas, config.spike_window)
+               config.spike_sigmas, config.spike_window,
+               pipeline=(pipeline_lib.stages_of(config), config.pipeline_microbatches))
 
 
 def init_state(step_cfg: StepConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -61,10 +65,12 @@ def init_state(step_cfg: StepConfig, tx: optax.GradientTransformation, seed: int
       num_losses=jnp.zeros((), jnp.int32))
 
 
-def loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0):
+def loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0, pipeline=(1, 1)):
   """Sums (see `losses.cross_entropy`) of the next-token loss on one batch."""
-  logits_BLV, _ = forward(model_cfg, params, batch['inputs'], batch['positions'],
-                          batch['segment_ids'])
+  fwd = forward if pipeline[0] == 1 else functools.partial(
+      pipeline_lib.forward, stages=pipeline[0], microbatches=pipeline[1])
+  logits_BLV, _ = fwd(model_cfg, params, batch['inputs'], batch['positions'],
+                      batch['segment_ids'])
   return cross_entropy(logits_BLV, batch['targets'], batch['weights'], z_loss)
 
 
@@ -73,7 +79,7 @@ def accumulated_grads(step_cfg: StepConfig, params, batch):
 
   def grads_of(micro_batch):
     sums_fn = lambda p: (lambda s: (s['loss'], s))(loss_sums(step_cfg.model, p, micro_batch,
-                                                             step_cfg.z_loss))
+                                                             step_cfg.z_loss, step_cfg.pipeline))
     (_, sums), grads = jax.value_and_grad(sums_fn, has_aux=True)(params)
     return grads, sums
 

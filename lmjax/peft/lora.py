@@ -1,0 +1,203 @@
+"""Low-rank adapters as pytree transforms: LoRA, rsLoRA, DoRA, VeRA and LoRA-FA.
+
+The model never sees an adapter: `effective_params(cfg, base, adapters)` returns the plain params
+tree the Transformer reads (W + scale * A @ B, ...), computed inside the jitted step, so the base
+params tree is untouched and gradients flow only to the adapter leaves.
+
+A weight of shape `lead + in_shape + out_shape` (lead = the stacked layer axis under scan) is seen
+as an (in, out) matrix: q/k/v (D, H, Dh) -> (D, H*Dh); o (H, Dh, D) -> (H*Dh, D); MLP and lm_head
+are already 2-D. Adapter leaves live in a tree that mirrors the model tree:
+  lora/dora/lora_fa:  {'a': lead+(in, r), 'b': lead+(r, out)}   (+ dora: 'm': lead+(out,))
+  vera:               {'d': lead+(r,), 'b': lead+(out,)}  with frozen random A, B regenerated from
+                      `cfg.seed` (never stored).
+Dropout is applied to the rows of A (the input features), one mask per step shared by all tokens
+of the batch: a weight-space approximation of LoRA's input dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+METHODS = ('none', 'lora', 'dora', 'vera', 'lora_fa')
+# leaf name -> number of input dims after the lead dims
+_IN_DIMS = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'lm_head': 1}
+TARGET_ALIASES = {
+    'all-linear': r'attn/(q|k|v|o)$|mlp/(gate|up|down)$',
+    'attn': r'attn/(q|k|v|o)$',
+    'mlp': r'mlp/(gate|up|down)$',
+    'qv': r'attn/(q|v)$',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  method: str = 'none'
+  rank: int = 8
+  alpha: float = 16.0
+  rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+  dropout: float = 0.0
+  targets: str = 'all-linear'  # an alias above or a regex searched in 'layers_0/attn/q'
+  lora_plus_ratio: float = 1.0  # LoRA+: learning-rate multiplier of B
+  train_patterns: str = ''  # regex of base leaves that also train (BitFit-style: 'scale')
+  freeze_patterns: str = ''  # full fine-tuning: regex of base leaves kept frozen (e.g. 'embed')
+  base_dtype: str = 'float32'  # dtype of the frozen base: float32 | bfloat16
+  seed: int = 0  # VeRA's shared random projections
+
+  @classmethod
+  def from_config(cls, peft_config) -> 'PeftConfig':
+    return cls(**dict(peft_config))
+
+  @property
+  def enabled(self) -> bool:
+    return self.method != 'none'
+
+  @property
+  def scale(self) -> float:
+    if self.method == 'vera':
+      return 1.0
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def path_name(path: tuple) -> str:
+  return '/'.join(str(p) for p in path)
+
+
+def target_regex(targets: str) -> str:
+  return TARGET_ALIASES.get(targets, targets)
+
+
+def target_paths(cfg: PeftConfig, params) -> list[tuple]:
+  """Paths of the (flattened) base params that get an adapter."""
+  regex = re.compile(target_regex(cfg.targets))
+  flat = traverse_util.flatten_dict(params)
+  paths = [p for p in flat if p[-1] in _IN_DIMS and regex.search(path_name(p))]
+  if cfg.enabled and not paths:
+    raise ValueError(f'peft.targets: {cfg.targets!r} matches no weight')
+  return paths
+
+
+def _split_shape(path: tuple, shape: tuple, stacked: bool):
+  """(lead shape, in size, out shape) of a weight."""
+  lead = 1 if stacked and path[0] == 'layers' else 0
+  n_in = _IN_DIMS[path[-1]]
+  in_shape = shape[lead:lead + n_in]
+  return shape[:lead], math.prod(in_shape), shape[lead + n_in:]
+
+
+def init_adapters(cfg: PeftConfig, params, rng, stacked: bool = False):
+  """Fresh adapters for `params` (plain arrays): B (or VeRA's b) zero, so the model is unchanged."""
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for i, path in enumerate(target_paths(cfg, params)):
+    w = flat[path]
+    lead, n_in, out_shape = _split_shape(path, w.shape, stacked)
+    n_out = math.prod(out_shape)
+    key = jax.random.fold_in(rng, i)
+    if cfg.method == 'vera':
+      out[path + ('d',)] = jnp.full(lead + (cfg.rank,), 0.1, jnp.float32)
+      out[path + ('b',)] = jnp.zeros(lead + (n_out,), jnp.float32)
+      continue
+    bound = 1.0 / math.sqrt(n_in)  # kaiming-uniform with a = sqrt(5), as nn.Linear
+    out[path + ('a',)] = jax.random.uniform(key, lead + (n_in, cfg.rank), jnp.float32, -bound,
+                                            bound)
+    out[path + ('b',)] = jnp.zeros(lead + (cfg.rank, n_out), jnp.float32)
+    if cfg.method == 'dora':
+      w_IO = w.reshape(lead + (n_in, n_out)).astype(jnp.float32)
+      out[path + ('m',)] = jnp.linalg.norm(w_IO, axis=-2)
+  return traverse_util.unflatten_dict(out)
+
+
+def _vera_projections(cfg: PeftConfig, n_in: int, n_out: int):
+  key = jax.random.fold_in(jax.random.key(cfg.seed), n_in * 1_000_003 + n_out)
+  ka, kb = jax.random.split(key)
+  a = jax.random.uniform(ka, (n_in, cfg.rank), jnp.float32, -1.0, 1.0) / math.sqrt(n_in)
+  b = jax.random.uniform(kb, (cfg.rank, n_out), jnp.float32, -1.0, 1.0) / math.sqrt(cfg.rank)
+  return a, b
+
+
+def _delta(cfg: PeftConfig, leaves: dict, lead, n_in: int, n_out: int, rng=None):
+  """scale * A @ B as an (lead, in, out) float32 matrix."""
+  if cfg.method == 'vera':
+    a, b = _vera_projections(cfg, n_in, n_out)
+    ad = a * leaves['d'][..., None, :]  # (lead, in, r)
+    return jnp.einsum('...ir,ro->...io', ad, b) * leaves['b'][..., None, :]
+  a = leaves['a'].astype(jnp.float32)
+  if cfg.method == 'lora_fa':
+    a = jax.lax.stop_gradient(a)
+  if rng is not None and cfg.dropout > 0:
+    keep = jax.random.bernoulli(rng, 1.0 - cfg.dropout, a.shape[:-1] + (1,))
+    a = jnp.where(keep, a / (1.0 - cfg.dropout), 0.0)
+  return cfg.scale * jnp.einsum('...ir,...ro->...io', a, leaves['b'].astype(jnp.float32))
+
+
+def _adapted(cfg: PeftConfig, path, w, leaves, stacked, rng=None):
+  lead, n_in, out_shape = _split_shape(path, w.shape, stacked)
+  n_out = math.prod(out_shape)
+  w_IO = w.reshape(lead + (n_in, n_out)).astype(jnp.float32)
+  new_IO = w_IO + _delta(cfg, leaves, lead, n_in, n_out, rng)
+  if cfg.method == 'dora':
+    norm = jax.lax.stop_gradient(jnp.linalg.norm(new_IO, axis=-2, keepdims=True))
+    new_IO = new_IO * (leaves['m'][..., None, :] / norm)
+  return new_IO.reshape(w.shape)
+
+
+def _grouped(adapters) -> dict:
+  flat = traverse_util.flatten_dict(adapters)
+  groups = {}
+  for path, leaf in flat.items():
+    groups.setdefault(path[:-1], {})[path[-1]] = leaf
+  return groups
+
+
+def effective_params(cfg: PeftConfig, base, adapters, rng=None, stacked: bool = False,
+                     compute_dtype=None):
+  """The params the model reads: every adapted weight replaced by its adapted value.
+
+  `rng` (training only) turns on LoRA dropout. Adapted weights come out in `compute_dtype`
+  (default: the base weight's dtype, float32 for a bfloat16 base).
+  """
+  if not cfg.enabled or not adapters:
+    return base
+  flat = dict(traverse_util.flatten_dict(base))
+  for i, (path, leaves) in enumerate(sorted(_grouped(adapters).items())):
+    w = flat[path]
+    key = None if rng is None else jax.random.fold_in(rng, i)
+    dtype = compute_dtype or (jnp.float32 if w.dtype == jnp.bfloat16 else w.dtype)
+    flat[path] = _adapted(cfg, path, w, leaves, stacked, key).astype(dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
+def merge(cfg: PeftConfig, base, adapters, stacked: bool = False):
+  """Base weights with the adapters folded in (the base dtype is kept)."""
+  merged = effective_params(cfg, base, adapters, stacked=stacked)
+  return jax.tree.map(lambda m, b: m.astype(b.dtype), merged, base)
+
+
+def unmerge(cfg: PeftConfig, merged, adapters, stacked: bool = False):
+  """The inverse of `merge`: W = W' - scale * A @ B (LoRA, LoRA-FA, VeRA; DoRA is not invertible
+  without the base norm, so it raises)."""
+  if cfg.method == 'dora':
+    raise ValueError('unmerge: DoRA rescales columns by the base norm; keep the base instead')
+  if not cfg.enabled or not adapters:
+    return merged
+  flat = dict(traverse_util.flatten_dict(merged))
+  for path, leaves in _grouped(adapters).items():
+    w = flat[path]
+    lead, n_in, out_shape = _split_shape(path, w.shape, stacked)
+    delta = _delta(cfg, leaves, lead, n_in, math.prod(out_shape))
+    flat[path] = (w.astype(jnp.float32) - delta.reshape(w.shape)).astype(w.dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
+def lora_b_mask(cfg: PeftConfig, adapters) -> dict:
+  """True on the B leaves that LoRA+ trains with a `lora_plus_ratio` times higher LR."""
+  def is_b(path, _):
+    name = path[-1].key if hasattr(path[-1], 'key') else str(path[-1])
+    return name == 'b' and cfg.method in ('lora', 'dora', 'lora_fa')
+  return jax.tree_util.tree_map_with_path(is_b, adapters)

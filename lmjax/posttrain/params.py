@@ -1,0 +1,263 @@
+"""The post-training task description and its params layout.
+
+A post-training state holds `params = {'trainable': {...}, 'frozen': {...}}`; only `trainable`
+is differentiated and has optimizer state.
+  trainable['model']     base leaves that train (all of them in full fine-tuning, minus
+                         `peft.freeze_patterns`; only `peft.train_patterns` with adapters)
+  trainable['adapters']  LoRA / DoRA / VeRA leaves (see `lmjax.peft.lora`)
+  trainable['head']      reward model: scalar head {'w': (D,), 'b': ()}
+  trainable['value']     PPO: value head {'w': (D,), 'b': ()}
+  frozen['model']        the other base leaves (held in `peft.base_dtype`)
+  frozen['ref']          DPO/KTO/PPO reference model when the base itself trains (with adapters
+                         the reference is the base with the adapters off: no second copy)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from lmjax.models.transformer import ModelConfig, init_params
+from lmjax.peft import lora
+
+TASKS = ('pretrain', 'sft', 'reward', 'dpo', 'ppo')
+
+
+@dataclasses.dataclass(frozen=True)
+class PostConfig:
+  """The `post` config group as hashable static data."""
+  train_file: str = ''
+  pack: bool = True
+  beta: float = 0.1
+  loss_type: str = 'sigmoid'
+  label_smoothing: float = 0.0
+  margin: float = 0.0
+  center_coef: float = 0.0
+  kto_desirable_weight: float = 1.0
+  kto_undesirable_weight: float = 1.0
+  reward_model: str = ''
+  toy_reward_token: int = -1
+  rollout_batch: int = 8
+  ppo_epochs: int = 2
+  minibatches: int = 2
+  kl_coef: float = 0.05
+  kl_estimator: str = 'k1'
+  target_kl: float = 0.0
+  clip_eps: float = 0.2
+  value_clip: float = 0.2
+  value_coef: float = 0.5
+  entropy_coef: float = 0.0
+  gamma: float = 1.0
+  lam: float = 0.95
+  advantage: str = 'gae'
+  group_size: int = 4
+  max_new_tokens: int = 16
+  temperature: float = 1.0
+  whiten_advantages: bool = True
+
+  @classmethod
+  def from_config(cls, post_config) -> 'PostConfig':
+    return cls(**dict(post_config))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  model: ModelConfig
+  peft: lora.PeftConfig
+  post: PostConfig
+
+  @property
+  def needs_reference(self) -> bool:
+    return self.name == 'ppo' or (self.name == 'dpo' and self.post.loss_type != 'orpo')
+
+
+def task_from_config(config) -> Task | None:
+  """The task of a config; None for plain pretraining."""
+  if config.task == 'pretrain':
+    return None
+  return Task(config.task, ModelConfig.from_config(config.model),
+              lora.PeftConfig.from_config(config.peft), PostConfig.from_config(config.post))
+
+
+def _matches(pattern: str, path) -> bool:
+  return bool(pattern) and re.search(pattern, lora.path_name(path)) is not None
+
+
+def split_model(task: Task, model_params):
+  """(trainable, frozen) halves of the base params (nested dicts, either may be empty)."""
+  flat = traverse_util.flatten_dict(model_params)
+  if task.peft.enabled:
+    trains = lambda p: _matches(task.peft.train_patterns, p)
+  else:
+    trains = lambda p: not _matches(task.peft.freeze_patterns, p)
+  trainable = {p: v for p, v in flat.items() if trains(p)}
+  dtype = jnp.dtype(task.peft.base_dtype)
+  frozen = {p: jax.tree.map(lambda x: x.astype(dtype), v) for p, v in flat.items()
+            if not trains(p)}
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def _head(d_model: int):
+  return {'w': jnp.zeros((d_model,), jnp.float32), 'b': jnp.zeros((), jnp.float32)}
+
+
+def build_params(task: Task, model_params, rng):
+  """The post-training params tree around (possibly boxed) base params."""
+  plain = nn.unbox(model_params)
+  trainable_model, frozen_model = split_model(task, model_params)
+  trainable, frozen = {}, {}
+  if trainable_model:
+    trainable['model'] = trainable_model
+  if frozen_model:
+    frozen['model'] = frozen_model
+  if task.peft.enabled:
+    adapters = lora.init_adapters(task.peft, plain, rng, task.model.scan_layers)
+    if task.peft.method == 'lora_fa':  # A stays frozen: no gradient, no optimizer state
+      flat = traverse_util.flatten_dict(adapters)
+      frozen['adapters'] = traverse_util.unflatten_dict(
+          {p: v for p, v in flat.items() if p[-1] == 'a'})
+      adapters = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] != 'a'})
+    trainable['adapters'] = adapters
+  if task.name == 'reward':
+    trainable['head'] = _head(task.model.d_model)
+  if task.name == 'ppo':
+    trainable['value'] = _head(task.model.d_model)
+  if task.needs_reference and not task.peft.enabled:
+    frozen['ref'] = model_params
+  return {'trainable': trainable, 'frozen': frozen}
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+  flat = dict(traverse_util.flatten_dict(a))
+  flat.update(traverse_util.flatten_dict(b))
+  return traverse_util.unflatten_dict(flat)
+
+
+def adapters_of(params) -> dict:
+  """All adapter leaves (trainable ones and LoRA-FA's frozen A)."""
+  return _deep_merge(params['frozen'].get('adapters', {}), params['trainable'].get('adapters', {}))
+
+
+def model_params(task: Task, params, rng=None, adapters: bool = True):
+  """The plain params tree the Transformer reads (adapters applied unless `adapters=False`)."""
+  base = _deep_merge(params['frozen'].get('model', {}), params['trainable'].get('model', {}))
+  if adapters and task.peft.enabled:
+    return lora.effective_params(task.peft, base, adapters_of(params), rng,
+                                 task.model.scan_layers)
+  return base
+
+
+def reference_params(task: Task, params):
+  """The frozen reference policy: a stored copy, or the base with the adapters off."""
+  if 'ref' in params['frozen']:
+    return params['frozen']['ref']
+  return jax.lax.stop_gradient(model_params(task, params, adapters=False))
+
+
+def merged_model_params(task: Task | None, params):
+  """Base params with adapters folded in, in the base's storage dtype (for export)."""
+  if task is None:
+    return params
+  base = model_params(task, params, adapters=False)
+  if not task.peft.enabled:
+    return base
+  return lora.merge(task.peft, base, adapters_of(params), task.model.scan_layers)
+
+
+def place_model(task: Task, params, loaded_model):
+  """`params` with its base (and reference) replaced by `loaded_model` (plain arrays)."""
+  trainable_model, frozen_model = split_model(task, loaded_model)
+  trainable, frozen = dict(params['trainable']), dict(params['frozen'])
+  if trainable_model:
+    trainable['model'] = trainable_model
+  if frozen_model:
+    frozen['model'] = frozen_model
+  if 'ref' in frozen:
+    frozen['ref'] = loaded_model
+  new = {'trainable': trainable, 'frozen': frozen}
+  return jax.tree.map(lambda n, o: jax.device_put(n.astype(o.dtype), o.sharding), new, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a model from any workdir (pretrain, params export, or a post-training run)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_config(workdir: str):
+  from lmjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return config_lib.from_json(f.read())
+
+
+def abstract_post_params(task: Task):
+  """Shapes of a task's params tree on one device (for restoring)."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = jax.eval_shape(lambda: nn.unbox(build_params(
+      task, init_params(task.model, jax.random.key(0)), jax.random.key(0))))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
+
+
+def load_post_params(workdir: str, config=None):
+  """(task or None, params) of a workdir: the post-training tree, or plain model params."""
+  from lmjax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  config = config if config is not None else read_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f'{workdir}: no config.json')
+  task = task_from_config(config)
+  if task is None:
+    model_cfg = ModelConfig.from_config(config.model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda: nn.unbox(init_params(model_cfg, jax.random.key(0))))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            shapes)
+    return None, checkpoint_lib.load_params(workdir, abstract)
+  return task, checkpoint_lib.load_params(workdir, abstract_post_params(task))
+
+
+def load_model_params(workdir: str, config=None):
+  """Plain (merged) model params from any lmjax workdir."""
+  task, params = load_post_params(workdir, config)
+  return merged_model_params(task, params)
+
+
+def init_from(task: Task, source: str, state, abstract_state=None):
+  """`state` with the base model loaded from `source` (any workdir; adapters merged)."""
+  del abstract_state
+  loaded = load_model_params(source)
+  return state.replace(params=place_model(task, state.params, loaded))
+
+
+def save_adapters(directory: str, task: Task, params) -> None:
+  """Adapter (and head) leaves alone, plus `peft.json`: a small orbax dir."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  small = {k: v for k, v in params['trainable'].items() if k not in ('model', 'adapters')}
+  if task.peft.enabled:
+    small['adapters'] = adapters_of(params)
+  directory = os.path.abspath(directory)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, 'adapters'), small, force=True)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(directory, 'peft.json'), 'w', encoding='utf-8') as f:
+    json.dump(dataclasses.asdict(task.peft), f, indent=2, sort_keys=True)
+
+
+def load_adapters(directory: str, abstract_small=None):
+  """(PeftConfig, adapter tree) written by `save_adapters`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, 'peft.json'), encoding='utf-8') as f:
+    cfg = lora.PeftConfig(**json.load(f))
+  path = os.path.join(directory, 'adapters')
+  small = ocp.StandardCheckpointer().restore(path, abstract_small)
+  return cfg, small

@@ -1,0 +1,124 @@
+"""Post-training tasks for the one training loop: data iterator, loss sums and optimizer.
+
+`loss_sums(task, params, batch, rng)` returns the same sums contract as pretraining
+(`losses.cross_entropy`): 'loss' (what is differentiated), 'nll' (the reported loss), 'z' and
+'weight' (the denominator), plus any metric sums, which the train step divides by 'weight'.
+  sft     token-weighted cross-entropy on response tokens (weight = response tokens)
+  reward  Bradley-Terry on a scalar head over the last non-padding token (weight = pairs)
+  dpo     `post.loss_type` sigmoid | ipo | hinge (DPO family, reference = frozen base or the
+          base with adapters off), orpo (no reference) or kto (chosen rows desirable, rejected
+          rows undesirable, unpaired loss) (weight = pairs)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmjax import losses
+from lmjax.models.transformer import forward, forward_hidden
+from lmjax.optim import make_optimizer as make_base_optimizer
+from lmjax.peft import lora
+from lmjax.posttrain import params as params_lib
+from lmjax.posttrain.params import Task
+
+DPO_LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'orpo', 'kto')
+_ROW_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+
+
+def make_iterator(config, tok, process_index: int = 0, process_count: int = 1):
+  from lmjax.data import preference, sft  # pylint: disable=g-import-not-at-top
+  if config.task == 'sft':
+    return sft.make_sft_iterator(config, tok, process_index, process_count)
+  if config.task in ('reward', 'dpo'):
+    return preference.make_preference_iterator(config, tok, process_index, process_count)
+  raise ValueError(f'task: no data iterator for {config.task!r}')
+
+
+def make_optimizer(config, task: Task | None):
+  """The config's optimizer over the trainable tree; LoRA+ scales B's updates (= its LR, also for
+  decoupled weight decay) by `peft.lora_plus_ratio`."""
+  tx, schedule = make_base_optimizer(config.optimizer, config.steps)
+  if task is not None and task.peft.enabled and task.peft.lora_plus_ratio != 1.0:
+    def mask(trainable):
+      out = jax.tree.map(lambda _: False, trainable)
+      out['adapters'] = lora.lora_b_mask(task.peft, trainable['adapters'])
+      return out
+    tx = optax.chain(tx, optax.masked(optax.scale(task.peft.lora_plus_ratio), mask))
+  return tx, schedule
+
+
+def score_last_token(hidden_BLD, segment_ids_BL, head):
+  """Scalar head on the hidden state of each row's last non-padding token: (B,)."""
+  length = segment_ids_BL.shape[1]
+  last_B = jnp.max(jnp.where(segment_ids_BL > 0, jnp.arange(length)[None, :], 0), axis=1)
+  last_BD = jnp.take_along_axis(hidden_BLD, last_B[:, None, None], axis=1)[:, 0]
+  return last_BD.astype(jnp.float32) @ head['w'] + head['b']
+
+
+def _pair_rows(batch):
+  """Chosen rows then rejected rows, stacked: (2B, L) arrays."""
+  return {k: jnp.concatenate([batch[f'chosen_{k}'], batch[f'rejected_{k}']]) for k in _ROW_KEYS}
+
+
+def _run(task: Task, model, rows):
+  return forward(task.model, model, rows['inputs'], rows['positions'], rows['segment_ids'])[0]
+
+
+def reward_scores(task: Task, params, rows, rng=None):
+  model = params_lib.model_params(task, params, rng)
+  _, hidden_BLD = forward_hidden(task.model, model, rows['inputs'], rows['positions'],
+                                 rows['segment_ids'])
+  return score_last_token(hidden_BLD, rows['segment_ids'], params['trainable']['head'])
+
+
+def _sums(loss, metrics, n):
+  out = {'loss': loss * n, 'nll': loss * n, 'z': jnp.zeros((), jnp.float32),
+         'weight': jnp.asarray(n, jnp.float32)}
+  out.update({k: v * n for k, v in metrics.items()})
+  return out
+
+
+def sft_sums(task: Task, params, batch, rng=None):
+  logits_BLV = _run(task, params_lib.model_params(task, params, rng), batch)
+  return losses.cross_entropy(logits_BLV, batch['targets'], batch['weights'])
+
+
+def reward_sums(task: Task, params, batch, rng=None):
+  n = batch['chosen_inputs'].shape[0]
+  scores = reward_scores(task, params, _pair_rows(batch), rng)
+  loss, metrics = losses.reward_loss(scores[:n], scores[n:], task.post.margin,
+                                     task.post.center_coef)
+  return _sums(loss, metrics, n)
+
+
+def preference_sums(task: Task, params, batch, rng=None):
+  post = task.post
+  n = batch['chosen_inputs'].shape[0]
+  rows = _pair_rows(batch)
+  logits = _run(task, params_lib.model_params(task, params, rng), rows)
+  if post.loss_type == 'orpo':
+    avg = losses.sequence_log_probs(logits, rows['targets'], rows['weights'], average=True)
+    loss, metrics = losses.orpo_loss(avg[:n], avg[n:], -avg[:n], post.beta)
+    return _sums(loss, metrics, n)
+  logps = losses.sequence_log_probs(logits, rows['targets'], rows['weights'])
+  ref_logits = _run(task, params_lib.reference_params(task, params), rows)
+  ref_logps = jax.lax.stop_gradient(
+      losses.sequence_log_probs(ref_logits, rows['targets'], rows['weights']))
+  if post.loss_type == 'kto':
+    desirable = jnp.concatenate([jnp.ones((n,)), jnp.zeros((n,))])
+    loss, metrics = losses.kto_loss(logps, ref_logps, desirable, None, post.beta,
+                                    post.kto_desirable_weight, post.kto_undesirable_weight)
+  else:
+    loss, metrics = losses.dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
+                                    post.beta, post.loss_type, post.label_smoothing)
+  return _sums(loss, metrics, n)
+
+
+_SUMS = {'sft': sft_sums, 'reward': reward_sums, 'dpo': preference_sums}
+
+
+def loss_sums(task: Task, params, batch, rng=None):
+  """The task's loss sums for the train step (see the module docstring)."""
+  return _SUMS[task.name](task, params, batch, rng)

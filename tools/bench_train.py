@@ -1,0 +1,146 @@
+"""Training-step benchmark: tokens/s, step time, MFU and XLA's compiled memory for any config.
+
+  python tools/bench_train.py --config=default [--config.KEY=VALUE ...] [--steps=10] [--torch]
+
+It times the same jitted, donated `train_step` the trainer runs, on synthetic batches (so the
+input pipeline is not measured). `--torch` also times PyTorch with Hugging Face's
+`LlamaForCausalLM` of the same shape (float32, AdamW) in a separate process, for a side-by-side
+comparison on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from lmjax import config as config_lib
+from lmjax.cli import split_overrides
+from lmjax.optim import make_optimizer
+from lmjax.parallel import mesh as mesh_lib
+from lmjax.perf import peak_flops_per_device
+from lmjax.scaling.flops import flops_per_token
+from lmjax.train import step as step_lib
+from lmjax.train.loop import build_state
+
+
+def synthetic_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, length = config.batch_size, config.seq_len
+  tokens = rng.integers(0, config.model.vocab_size, size=(b, length + 1)).astype(np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'positions': np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+          'segment_ids': np.ones((b, length), np.int32), 'weights': np.ones((b, length), np.float32)}
+
+
+def bench_lmjax(config, steps: int) -> dict:
+  mesh = mesh_lib.make_mesh(config)
+  tx, schedule = make_optimizer(config.optimizer, config.steps)
+  step_cfg = step_lib.StepConfig.from_config(config)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.LOGICAL_RULES)):
+    create, abstract = build_state(config, mesh, tx)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    step_fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b),
+                      in_shardings=(shardings, batch_sharding), donate_argnums=0)
+    batch = jax.device_put(synthetic_batch(config), batch_sharding)
+    start = time.perf_counter()
+    compiled = step_fn.lower(abstract, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    state = create()
+    for _ in range(2):  # warm up
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  tokens = config.batch_size * config.seq_len
+  model_flops = flops_per_token(config.model, config.seq_len)['total']
+  peak = peak_flops_per_device() * jax.device_count()
+  result = {'impl': 'lmjax', 'step_s': step_s, 'tokens_per_s': tokens / step_s,
+            'mfu': tokens / step_s * model_flops / peak, 'compile_s': compile_s,
+            'model_gflops_per_token': model_flops / 1e9, 'peak_gflops': peak / 1e9}
+  if memory is not None:
+    result['compiled_memory_mb'] = {
+        'arguments': memory.argument_size_in_bytes / 2**20,
+        'outputs': memory.output_size_in_bytes / 2**20,
+        'temporaries': memory.temp_size_in_bytes / 2**20,
+        'generated_code': memory.generated_code_size_in_bytes / 2**20}
+  return result
+
+
+_TORCH_SCRIPT = r'''
+import json, sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+c = json.loads(sys.argv[1])
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=c['vocab'], hidden_size=c['d'], intermediate_size=c['f'],
+                  num_hidden_layers=c['layers'], num_attention_heads=c['heads'],
+                  num_key_value_heads=c['kv_heads'], max_position_embeddings=c['seq'],
+                  tie_word_embeddings=c['tied'], attn_implementation='sdpa')
+model = LlamaForCausalLM(cfg)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+x = torch.randint(0, c['vocab'], (c['batch'], c['seq']))
+times = []
+for i in range(c['steps'] + 2):
+  start = time.perf_counter()
+  loss = model(input_ids=x, labels=x).loss
+  loss.backward()
+  opt.step()
+  opt.zero_grad(set_to_none=True)
+  if i >= 2:
+    times.append(time.perf_counter() - start)
+times.sort()
+print(json.dumps({'step_s': times[len(times) // 2]}))
+'''
+
+
+def bench_torch(config, steps: int) -> dict:
+  m = config.model
+  spec = {'vocab': m.vocab_size, 'd': m.d_model, 'f': m.mlp_dim, 'layers': m.num_layers,
+          'heads': m.num_heads, 'kv_heads': m.num_kv_heads, 'seq': config.seq_len,
+          'tied': m.tie_embeddings, 'batch': config.batch_size, 'steps': steps}
+  out = subprocess.run([sys.executable, '-c', _TORCH_SCRIPT, json.dumps(spec)], check=True,
+                       capture_output=True, text=True).stdout
+  step_s = json.loads(out.strip().splitlines()[-1])['step_s']
+  tokens = config.batch_size * config.seq_len
+  model_flops = flops_per_token(config.model, config.seq_len)['total']
+  return {'impl': 'torch+hf', 'step_s': step_s, 'tokens_per_s': tokens / step_s,
+          'mfu': tokens / step_s * model_flops / (peak_flops_per_device() * jax.device_count())}
+
+
+def main(argv=None) -> None:
+  argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='default')
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--torch', action='store_true', help='also time PyTorch + HF Llama')
+  args = parser.parse_args(argv)
+  config = config_lib.load_config(args.config)
+  config_lib.apply_overrides(config, overrides)
+  config_lib.validate(config, jax.device_count())
+  results = [bench_lmjax(config, args.steps)]
+  if args.torch:
+    results.append(bench_torch(config, args.steps))
+  print(f'config {args.config} {" ".join(overrides)}: {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind}, batch {config.batch_size} x seq {config.seq_len}')
+  print(f'{"impl":10} {"step s":>8} {"tokens/s":>10} {"MFU":>7}')
+  for r in results:
+    print(f'{r["impl"]:10} {r["step_s"]:8.3f} {r["tokens_per_s"]:10.0f} {100 * r["mfu"]:6.1f}%')
+  print(json.dumps(results[0], indent=2))
+
+
+if __name__ == '__main__':
+  main()
