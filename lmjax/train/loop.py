@@ -25,6 +25,8 @@ from lmjax.parallel import distributed as distributed_lib
 from lmjax.parallel import mesh as mesh_lib
 from lmjax.parallel.pipeline import bubble_fraction
 from lmjax.perf import peak_flops_per_device
+from lmjax.posttrain import params as post_params_lib
+from lmjax.posttrain import tasks as tasks_lib
 from lmjax.scaling.flops import flops_per_token
 from lmjax.train import step as step_lib
 from lmjax.train.metrics import MetricsWriter
@@ -71,7 +73,8 @@ def build_state(config, mesh, tx):
     with nn.logical_axis_rules(()):
       state = step_lib.init_state(step_cfg, tx, config.seed)
     params = jax.lax.with_sharding_constraint(nn.unbox(state.params), shardings.params)
-    return state.replace(params=params, opt_state=tx.init(params))
+    return state.replace(params=params, opt_state=tx.init(step_lib.trainable_params(step_cfg,
+                                                                                    params)))
 
   compiled = jax.jit(create, out_shardings=shardings).lower().compile()
   shapes = jax.eval_shape(create)
@@ -94,6 +97,9 @@ def _init_params_from(source: str, state, abstract_state):
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) per `config` in `workdir`; returns the run summary."""
   start_time = time.time()
+  if config.task == 'ppo':  # rollout-then-update: its own outer loop (lmjax.posttrain.ppo)
+    from lmjax.posttrain import ppo  # pylint: disable=g-import-not-at-top
+    return ppo.train(config, workdir)
   distributed_lib.initialize(config)  # multi-host: before anything touches the devices
   config_lib.validate(config, jax.device_count())
   attention_lib.check_available(config.model.attention)
@@ -103,14 +109,19 @@ def train(config, workdir: str) -> dict:
     _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
   tokenizer = data_lib.load_or_train_tokenizer(config.data, config.model.vocab_size)
-  train_iter = data_lib.make_train_iterator(config, tokenizer, jax.process_index(),
-                                            jax.process_count())
-  eval_batches = data_lib.make_eval_batches(config, tokenizer, jax.process_index(),
-                                            jax.process_count())
+  if config.task != 'pretrain':  # post-training: the task's data (no held-out eval)
+    train_iter = tasks_lib.make_iterator(config, tokenizer, jax.process_index(),
+                                         jax.process_count())
+    eval_batches = []
+  else:
+    train_iter = data_lib.make_train_iterator(config, tokenizer, jax.process_index(),
+                                              jax.process_count())
+    eval_batches = data_lib.make_eval_batches(config, tokenizer, jax.process_index(),
+                                              jax.process_count())
 
   mesh = mesh_lib.make_mesh(config)
-  tx, schedule = make_optimizer(config.optimizer, config.steps)
   step_cfg = step_lib.StepConfig.from_config(config)
+  tx, schedule = tasks_lib.make_optimizer(config, step_cfg.task)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   batch_sharding = mesh_lib.batch_sharding(mesh)
 
@@ -122,7 +133,9 @@ def train(config, workdir: str) -> dict:
       train_iter.set_state(data_state)
     else:
       state = create_state()
-      if config.init_from:
+      if config.init_from and step_cfg.task is not None:
+        state = post_params_lib.init_from(step_cfg.task, config.init_from, state)
+      elif config.init_from:
         state = _init_params_from(config.init_from, state, abstract_state)
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     train_fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b),

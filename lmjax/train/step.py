@@ -43,12 +43,24 @@ class StepConfig:
   spike_sigmas: float = 0.0
   spike_window: int = 100
   pipeline: tuple = (1, 1)  # (stages, micro-batches); stages > 1 = GPipe over mesh.pipeline
+  task: Any = None  # lmjax.posttrain.params.Task; None = pretraining
 
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
+    from lmjax.posttrain.params import task_from_config  # pylint: disable=g-import-not-at-top
     return cls(ModelConfig.from_config(config.model), config.grad_accum_steps, config.z_loss,
                config.spike_sigmas, config.spike_window,
-               pipeline=(pipeline_lib.stages_of(config), config.pipeline_microbatches))
+               pipeline=(pipeline_lib.stages_of(config), config.pipeline_microbatches),
+               task=task_from_config(config))
+
+
+def trainable_params(step_cfg: StepConfig, params):
+  """The leaves that are differentiated and optimised (post-training: params['trainable'])."""
+  return params if step_cfg.task is None else params['trainable']
+
+
+def with_trainable(step_cfg: StepConfig, params, trainable):
+  return trainable if step_cfg.task is None else {**params, 'trainable': trainable}
 
 
 def init_state(step_cfg: StepConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -57,8 +69,12 @@ def init_state(step_cfg: StepConfig, tx: optax.GradientTransformation, seed: int
   rng = jax.random.key(seed)
   params_rng, state_rng = jax.random.split(rng)
   params = init_params(step_cfg.model, params_rng)
+  if step_cfg.task is not None:
+    from lmjax.posttrain.params import build_params  # pylint: disable=g-import-not-at-top
+    params = build_params(step_cfg.task, params, jax.random.fold_in(params_rng, 1))
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(nn.unbox(params)),
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=tx.init(trainable_params(step_cfg, nn.unbox(params))),
       rng=jax.random.key_data(state_rng), skipped=jnp.zeros((), jnp.int32),
       nonfinite_in_a_row=jnp.zeros((), jnp.int32),
       recent_losses=jnp.zeros((step_cfg.spike_window,), jnp.float32),
@@ -74,10 +90,19 @@ def loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0, pipeli
   return cross_entropy(logits_BLV, batch['targets'], batch['weights'], z_loss)
 
 
-def accumulated_grads(step_cfg: StepConfig, params, batch):
-  """Gradient of the summed loss and the loss sums, accumulated over micro-batches."""
+def accumulated_grads(step_cfg: StepConfig, params, batch, rng=None):
+  """Gradient of the summed loss and the loss sums, accumulated over micro-batches.
+
+  Post-training differentiates only `params['trainable']` (the frozen tree gets no gradient).
+  """
 
   def grads_of(micro_batch):
+    if step_cfg.task is not None:
+      from lmjax.posttrain.tasks import loss_sums as task_sums  # pylint: disable=g-import-not-at-top
+      task_fn = lambda t: (lambda s: (s['loss'], s))(task_sums(
+          step_cfg.task, {**params, 'trainable': t}, micro_batch, rng))
+      (_, sums), grads = jax.value_and_grad(task_fn, has_aux=True)(params['trainable'])
+      return grads, sums
     sums_fn = lambda p: (lambda s: (s['loss'], s))(loss_sums(step_cfg.model, p, micro_batch,
                                                              step_cfg.z_loss, step_cfg.pipeline))
     (_, sums), grads = jax.value_and_grad(sums_fn, has_aux=True)(params)
@@ -109,7 +134,10 @@ def _is_spike(state: TrainState, loss, step_cfg: StepConfig):
 def train_step(step_cfg: StepConfig, tx: optax.GradientTransformation, schedule: Callable,
                state: TrainState, batch):
   """One optimizer step. Returns the new state and device-side metrics (no host sync)."""
-  grads, sums = accumulated_grads(step_cfg, state.params, batch)
+  rng = None
+  if step_cfg.task is not None:  # dropout in adapters
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  grads, sums = accumulated_grads(step_cfg, state.params, batch, rng)
   weight = jnp.maximum(sums['weight'], 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   loss = sums['nll'] / weight
@@ -118,8 +146,9 @@ def train_step(step_cfg: StepConfig, tx: optax.GradientTransformation, schedule:
   spike = finite & _is_spike(state, loss, step_cfg)
   apply = finite & ~spike
 
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  trainable = trainable_params(step_cfg, state.params)
+  updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
+  new_params = with_trainable(step_cfg, state.params, optax.apply_updates(trainable, updates))
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
 
   recent = state.recent_losses.at[state.num_losses % step_cfg.spike_window].set(loss)
@@ -140,6 +169,7 @@ def train_step(step_cfg: StepConfig, tx: optax.GradientTransformation, schedule:
       'skipped': new_state.skipped,
       'nonfinite_in_a_row': new_state.nonfinite_in_a_row,
   }
+  metrics.update({k: v / weight for k, v in sums.items() if k not in ('loss', 'nll', 'z', 'weight')})
   return new_state, metrics
 
 
