@@ -13,6 +13,7 @@ def get_config():
   c.eval_every = 200
   c.eval_batches = 8
   c.checkpoint_every = 200
+  c.data.eval_fraction = 0.05
   c.model.vocab_size = 8192
   c.model.num_layers = 4
   c.model.d_model = 256

@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.spike_window = 100  # steps in the running loss statistics
   c.z_loss = 0.0
   c.progress_bar = True
+  c.task = 'pretrain'  # pretrain | sft | reward | dpo | ppo (lmjax.posttrain)
 
   c.model = ml_collections.ConfigDict()
   m = c.model
@@ -106,6 +107,51 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.heartbeat_timeout_s = 30  # a dead peer makes the others exit after about this
   c.distributed.initialization_timeout_s = 300
 
+  c.peft = ml_collections.ConfigDict()  # parameter-efficient fine-tuning (lmjax.peft)
+  p = c.peft
+  p.method = 'none'  # none (full fine-tuning) | lora | dora | vera | lora_fa
+  p.rank = 8
+  p.alpha = 16.0
+  p.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
+  p.dropout = 0.0
+  p.targets = 'all-linear'  # all-linear | attn | mlp | qv | a regex over 'layers_0/attn/q'
+  p.lora_plus_ratio = 1.0  # LoRA+: B's learning rate = ratio x the base learning rate
+  p.train_patterns = ''  # with adapters: regex of base leaves that also train (BitFit: 'scale')
+  p.freeze_patterns = ''  # full fine-tuning: regex of base leaves kept frozen ('embed|layers_0/')
+  p.base_dtype = 'float32'  # frozen base storage: float32 | bfloat16
+  p.seed = 0  # VeRA's shared random projections
+
+  c.post = ml_collections.ConfigDict()  # post-training tasks (lmjax.posttrain)
+  q = c.post
+  q.train_file = ''  # JSONL: prompt/response or messages (sft); prompt/chosen/rejected (reward, dpo)
+  q.pack = True  # sft: pack several examples per row
+  q.beta = 0.1  # dpo/ipo/hinge/kto temperature; orpo: weight of the odds-ratio term
+  q.loss_type = 'sigmoid'  # dpo: sigmoid | ipo | hinge | orpo | kto
+  q.label_smoothing = 0.0  # dpo sigmoid: conservative DPO
+  q.margin = 0.0  # reward: Bradley-Terry margin
+  q.center_coef = 0.0  # reward: coefficient of (r_chosen + r_rejected)^2
+  q.kto_desirable_weight = 1.0
+  q.kto_undesirable_weight = 1.0
+  q.reward_model = ''  # ppo: workdir of a reward model (task=reward)
+  q.toy_reward_token = -1  # ppo without a reward model: reward = count of this token id
+  q.rollout_batch = 8  # ppo: prompts x group_size sequences per rollout
+  q.ppo_epochs = 2  # passes over each rollout
+  q.minibatches = 2  # minibatches per pass
+  q.kl_coef = 0.05  # initial KL penalty coefficient
+  q.kl_estimator = 'k1'  # k1 | k2 | k3
+  q.target_kl = 0.0  # > 0: adaptive KL coefficient towards this KL per sequence
+  q.clip_eps = 0.2
+  q.value_clip = 0.2
+  q.value_coef = 0.5
+  q.entropy_coef = 0.0
+  q.gamma = 1.0
+  q.lam = 0.95
+  q.advantage = 'gae'  # gae (value head) | grpo (group-relative, no value head)
+  q.group_size = 1  # samples per prompt (grpo needs > 1)
+  q.max_new_tokens = 16
+  q.temperature = 1.0
+  q.whiten_advantages = True
+
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 128
@@ -127,6 +173,12 @@ _CHOICES = {
     'optimizer.name': ('adamw', 'adafactor', 'lion', 'sgd'),
     'optimizer.schedule': ('cosine', 'linear', 'wsd', 'constant'),
     'data.on_bad_input': ('error', 'skip'),
+    'task': ('pretrain', 'sft', 'reward', 'dpo', 'ppo'),
+    'peft.method': ('none', 'lora', 'dora', 'vera', 'lora_fa'),
+    'peft.base_dtype': ('float32', 'bfloat16'),
+    'post.loss_type': ('sigmoid', 'ipo', 'hinge', 'orpo', 'kto'),
+    'post.kl_estimator': ('k1', 'k2', 'k3'),
+    'post.advantage': ('gae', 'grpo'),
     'sharding': ('dp', 'zero1', 'fsdp', 'fsdp_tp', 'dp_fsdp_tp'),
 }
 _POSITIVE = ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every', 'eval_every',
@@ -262,8 +314,39 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.optimizer.warmup_steps > config.steps:
     raise ConfigError(f'optimizer.warmup_steps: {config.optimizer.warmup_steps} exceeds '
                       f'steps={config.steps}')
+  _validate_post(config)
   if num_devices is not None:
     _validate_mesh(config, num_devices)
+
+
+def _validate_post(config) -> None:
+  p, q = config.peft, config.post
+  if p.method != 'none' and (p.rank <= 0 or p.alpha <= 0):
+    raise ConfigError(f'peft.rank: rank and alpha must be positive; got {p.rank}, {p.alpha}')
+  if not 0.0 <= p.dropout < 1.0:
+    raise ConfigError(f'peft.dropout: must be in [0, 1); got {p.dropout}')
+  if p.lora_plus_ratio <= 0:
+    raise ConfigError(f'peft.lora_plus_ratio: must be positive; got {p.lora_plus_ratio}')
+  if config.task in ('sft', 'reward', 'dpo') and not q.train_file:
+    raise ConfigError(f'post.train_file: task={config.task} needs a JSONL file')
+  if q.beta <= 0:
+    raise ConfigError(f'post.beta: must be positive; got {q.beta}')
+  if not 0.0 <= q.label_smoothing < 0.5:
+    raise ConfigError(f'post.label_smoothing: must be in [0, 0.5); got {q.label_smoothing}')
+  if config.task == 'ppo':
+    if not q.reward_model and q.toy_reward_token < 0:
+      raise ConfigError('post.reward_model: ppo needs a reward model (or post.toy_reward_token)')
+    for name in ('rollout_batch', 'ppo_epochs', 'minibatches', 'group_size', 'max_new_tokens'):
+      if q[name] <= 0:
+        raise ConfigError(f'post.{name}: must be positive; got {q[name]}')
+    if q.rollout_batch % q.minibatches:
+      raise ConfigError(f'post.minibatches: {q.minibatches} does not divide '
+                        f'post.rollout_batch={q.rollout_batch}')
+    if q.advantage == 'grpo' and q.group_size < 2:
+      raise ConfigError('post.group_size: grpo needs at least 2 samples per prompt')
+    if q.rollout_batch % q.group_size:
+      raise ConfigError(f'post.group_size: {q.group_size} does not divide '
+                        f'post.rollout_batch={q.rollout_batch}')
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

@@ -67,9 +67,12 @@ def _assert_batches_equal(a, b):
 
 def test_packing_hand_made_example():
   docs = iter([np.array([10, 11, 12]), np.array([20, 21]), np.array([30, 31, 32, 33, 34, 35, 36])])
-  packer = packing.RowPacker(docs, row_len=5)
-  tokens, seg, pos, used = packer.next_rows(4)
-  assert used == 3
+  packer = packing.InterleavedPacker(None, docs, num_rows=3, row_len=5)
+  first, second = packer.next_rows(), packer.next_rows()
+  # row 0 reads docs 1 and 2, row 1 doc 3 (continued in the second call), row 2 finds none left
+  assert packer.exhausted
+  np.testing.assert_array_equal(second[0][[0, 2]], 0)
+  tokens, seg, pos = (np.concatenate([a[:2], b[1:2], a[2:]]) for a, b in zip(first, second))
   np.testing.assert_array_equal(tokens, [[10, 11, 12, 20, 21], [30, 31, 32, 33, 34],
                                          [35, 36, 0, 0, 0], [0, 0, 0, 0, 0]])
   np.testing.assert_array_equal(seg, [[1, 1, 1, 2, 2], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0],
@@ -106,9 +109,9 @@ def test_train_rows_interleave_whole_documents_in_stream_order(corpus, tok):
     assert starts[0] == 0
     pieces = [row_stream[i:j] for i, j in zip(starts, starts[1:] + [len(row_stream)])]
     for k, piece in enumerate(pieces):
-      index = next(i for i, doc in enumerate(expected) if doc[:len(piece)] == piece)
-      if k < len(pieces) - 1:
-        assert piece == expected[index]  # every piece but the open one is a whole document
+      whole = k < len(pieces) - 1  # every piece but the open one is a whole document
+      index = next(i for i, doc in enumerate(expected) if i not in seen and
+                   (doc == piece if whole else doc[:len(piece)] == piece))
       seen.append(index)
   assert sorted(seen) == list(range(len(seen)))  # the stream's prefix, each document once
   first_docs = {tuple(r[:8]) for r in _rows(batches[:1]).tolist()}
@@ -204,10 +207,10 @@ def test_eval_batches_deterministic_and_capped(corpus, tok):
   doc = pipeline.EncodeDocument(tok, 'text', skip_bad=False)(held[0])
   rows_used = -(-len(doc) // 33)
   small = make_eval_batches(small_config, tok)
-  assert len(small) == -(-rows_used // 4)
-  stream = _rows(small).reshape(-1)
+  assert len(small) == rows_used  # a lone document is read by row 0 of successive batches
+  stream = np.concatenate([r[0] for r in (_rows([b]) for b in small)])
   np.testing.assert_array_equal(stream[:len(doc)], doc)
-  assert not stream[len(doc):].any()  # padding
+  assert not stream[len(doc):].any() and not any(_rows([b])[1:].any() for b in small)  # padding
   assert sum(b['weights'].sum() for b in small) == len(doc) - rows_used
   assert make_eval_batches(_config(corpus, eval_fraction=0.0), tok) == []
 

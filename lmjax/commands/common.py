@@ -42,6 +42,9 @@ def workdir_config(workdir: str, overrides=()):
 def load_model(workdir: str, config):
   """(ModelConfig, params) from the workdir's latest checkpoint or params export."""
   model_cfg = ModelConfig.from_config(config.model)
+  if config.task != 'pretrain':  # a post-training workdir: the base with its adapters merged
+    from lmjax.posttrain.params import load_model_params  # pylint: disable=g-import-not-at-top
+    return model_cfg, load_model_params(workdir, config)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(lambda: _plain_params(model_cfg)))

@@ -41,13 +41,19 @@ HF_CONFIG_COPY = 'hf_config.json'  # the imported model's own config, kept for e
 _IGNORED_TENSOR_SUFFIXES = ('.rotary_emb.inv_freq',)  # recomputed buffers in old checkpoints
 
 
-def merge_adapters(params):
-  """Folds adapters (LoRA) into the base weights before export.
+def merge_adapters(params, config=None):
+  """Folds adapters (LoRA, DoRA, VeRA) into the base weights before export.
 
-  Hook for lmjax.peft: today there are no adapters, so this is the identity. Export checks that
-  the tree holds exactly the base weights afterwards, so an adapter left unmerged is an error,
-  never silently dropped.
+  A post-training params tree ({'trainable', 'frozen'}, see lmjax.posttrain.params) needs its
+  workdir `config` (the peft settings); plain model params pass through. Export checks that the
+  tree holds exactly the base weights afterwards, so an adapter left unmerged is an error, never
+  silently dropped.
   """
+  if isinstance(params, dict) and set(params) == {'trainable', 'frozen'}:
+    if config is None:
+      raise ConversionError('merge_adapters: a post-training params tree needs its config')
+    from lmjax.posttrain.params import merged_model_params, task_from_config  # pylint: disable=g-import-not-at-top
+    return merged_model_params(task_from_config(config), params)
   return params
 
 
@@ -219,6 +225,9 @@ def load_workdir(workdir: str, params=None):
   with open(path) as f:
     config = config_lib.from_json(f.read())
   cfg = transformer.ModelConfig.from_config(config.model)
+  if params is None and config.task != 'pretrain':  # post-training tree; merged by export
+    from lmjax.posttrain.params import load_post_params  # pylint: disable=g-import-not-at-top
+    params = load_post_params(workdir, config)[1]
   if params is None:  # restore onto one device, whatever mesh the checkpoint was written under
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -244,7 +253,7 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str | None = None, params=Non
   Returns the HF config dict. `dtype` defaults to the params' dtype.
   """
   config, cfg, params = load_workdir(workdir, params)
-  params = merge_adapters(params)
+  params = merge_adapters(params, config)
   specs = _specs(cfg)
   wanted = {_tree_path(cfg, layer, path) for layer, path, _, _ in specs}
   leaves = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}

@@ -35,74 +35,6 @@ def empty_rows(num_rows: int, row_len: int) -> tuple[np.ndarray, np.ndarray, np.
   return tuple(np.zeros((num_rows, row_len), np.int32) for _ in range(3))
 
 
-class RowPacker:
-  """Packs documents from `docs` (an iterator of 1-D int arrays) into rows of `row_len` tokens.
-
-  If `docs` has `get_state`/`set_state` (a grain iterator), the packer is checkpointable: its state
-  is the iterator state *before* the partly used document plus how many of its tokens were used.
-  """
-
-  def __init__(self, docs: Iterator[np.ndarray], row_len: int):
-    self._docs = docs
-    self._row_len = row_len
-    self._doc: np.ndarray | None = None
-    self._offset = 0
-    self._doc_state: Any = None
-    self.exhausted = False
-
-  def _next_doc(self) -> bool:
-    get_state = getattr(self._docs, 'get_state', None)
-    self._doc_state = get_state() if get_state else None
-    try:
-      self._doc = np.asarray(next(self._docs), np.int32)
-    except StopIteration:
-      self._doc, self.exhausted = None, True
-      return False
-    self._offset = 0
-    return True
-
-  def fill_row(self, tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray) -> int:
-    """Fills one row in place (zeros past the end of the documents); returns tokens used."""
-    fill, segment = 0, 0
-    while fill < self._row_len:
-      if self._doc is None or self._offset >= len(self._doc):
-        if self.exhausted or not self._next_doc():
-          break
-        if not len(self._doc):
-          continue
-      take = min(len(self._doc) - self._offset, self._row_len - fill)
-      segment += 1
-      tokens[fill:fill + take] = self._doc[self._offset:self._offset + take]
-      segment_ids[fill:fill + take] = segment
-      positions[fill:fill + take] = np.arange(take)
-      fill += take
-      self._offset += take
-    return fill
-
-  def next_rows(self, num_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """`num_rows` packed rows and the number of them that hold any token."""
-    tokens, segment_ids, positions = empty_rows(num_rows, self._row_len)
-    used = 0
-    for r in range(num_rows):
-      if self.fill_row(tokens[r], segment_ids[r], positions[r]) == 0:
-        break
-      used += 1
-    return tokens, segment_ids, positions, used
-
-  def get_state(self) -> dict[str, Any]:
-    if self._doc is not None and self._offset < len(self._doc):
-      return {'docs': self._doc_state, 'offset': int(self._offset), 'in_doc': True}
-    return {'docs': self._docs.get_state(), 'offset': 0, 'in_doc': False}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._docs.set_state(state['docs'])
-    self._doc, self._offset, self.exhausted = None, 0, False
-    if state['in_doc']:
-      if not self._next_doc():
-        raise ValueError('data iterator state points past the end of the data')
-      self._offset = int(state['offset'])
-
-
 class InterleavedPacker:
   """Packs training rows so that each row of a batch reads a different document.
 
@@ -118,12 +50,18 @@ class InterleavedPacker:
     self._docs_iter = docs_iter
     self._row_len = row_len
     self._fetched = 0  # documents taken from the stream so far
+    self.exhausted = False
     self._slots: list[list[Any]] = [[None, -1, 0] for _ in range(num_rows)]  # doc, index, offset
 
-  def _refill(self, slot: list[Any]) -> None:
-    slot[0] = np.asarray(next(self._docs_iter), np.int32)
+  def _refill(self, slot: list[Any]) -> bool:
+    try:
+      slot[0] = np.asarray(next(self._docs_iter), np.int32)
+    except StopIteration:  # a finite stream (evaluation) ran out: the rest stays padding
+      self.exhausted = True
+      return False
     slot[1], slot[2] = self._fetched, 0
     self._fetched += 1
+    return True
 
   def next_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tokens, segment_ids, positions = empty_rows(len(self._slots), self._row_len)
@@ -131,7 +69,8 @@ class InterleavedPacker:
       fill, segment = 0, 0
       while fill < self._row_len:
         if slot[0] is None or slot[2] >= len(slot[0]):
-          self._refill(slot)
+          if self.exhausted or not self._refill(slot):
+            break
           continue
         doc, _, offset = slot
         take = min(len(doc) - offset, self._row_len - fill)

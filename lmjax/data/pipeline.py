@@ -7,7 +7,7 @@ tokenized lazily in grain threads (or `data.num_workers` processes). Packing int
 batch from a different document, see `packing.InterleavedPacker`) happens in `TrainIterator`, whose state (grain state + offset into the current document) is JSON-serialisable.
 
 Evaluation: all held-out documents (round-robin over sources, in listing order) are packed into
-global batches; every process packs the same rows and takes its own slice of each batch, so all
+global batches, interleaved like training rows; every process packs the same rows and takes its own slice of each batch, so all
 processes return the same number of batches.
 """
 
@@ -159,11 +159,12 @@ def make_eval_batches(config, tok, process_index: int = 0, process_count: int = 
     return []
   encode = EncodeDocument(tok, data.text_field, data.on_bad_input == 'skip')
   docs = (d for d in map(encode, eval_refs(sources, data.eval_fraction)) if len(d))
-  packer = packing.RowPacker(docs, config.seq_len + 1)
+  # Interleaved like training, so that every batch spans many held-out documents.
+  packer = packing.InterleavedPacker(None, docs, config.batch_size, config.seq_len + 1)
   batches = []
-  for _ in range(config.eval_batches):
-    tokens, segment_ids, positions, used = packer.next_rows(config.batch_size)
-    if used == 0:
+  while len(batches) < config.eval_batches:
+    tokens, segment_ids, positions = packer.next_rows()
+    if not segment_ids.any():
       break
     mine = slice(process_index * rows, (process_index + 1) * rows)
     batches.append(packing.shift_rows(tokens[mine], segment_ids[mine], positions[mine]))

@@ -261,3 +261,14 @@ def load_adapters(directory: str, abstract_small=None):
   path = os.path.join(directory, 'adapters')
   small = ocp.StandardCheckpointer().restore(path, abstract_small)
   return cfg, small
+
+
+def state_shardings(boxed_state, tx, mesh, config):
+  """Shardings of a post-training TrainState: the optimizer state follows params['trainable'],
+  the frozen tree is laid out like parameters."""
+  from lmjax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  params_rules, opt_rules = mesh_lib.rules(config)
+  view = mesh_lib.state_shardings(boxed_state.replace(params=boxed_state.params['trainable']), tx,
+                                  mesh, params_rules, opt_rules)
+  frozen = mesh_lib.logical_shardings(boxed_state.params['frozen'], mesh, params_rules)
+  return view.replace(params={'trainable': view.params, 'frozen': frozen})

@@ -67,7 +67,10 @@ def build_state(config, mesh, tx):
   step_cfg = step_lib.StepConfig.from_config(config)
   with nn.logical_axis_rules(()):  # init traces the model on a 1-row batch: no constraints
     boxed = jax.eval_shape(lambda: step_lib.init_state(step_cfg, tx, config.seed))
-  shardings = mesh_lib.state_shardings(boxed, tx, mesh, *mesh_lib.rules(config))
+  if step_cfg.task is None:
+    shardings = mesh_lib.state_shardings(boxed, tx, mesh, *mesh_lib.rules(config))
+  else:  # post-training: the optimizer sees params['trainable'] only
+    shardings = post_params_lib.state_shardings(boxed, tx, mesh, config)
 
   def create():
     with nn.logical_axis_rules(()):

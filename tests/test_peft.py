@@ -1,0 +1,199 @@
+"""PEFT as pytree transforms: LoRA/DoRA/VeRA/LoRA-FA, merge/unmerge, freezing, LoRA+, save/load."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from lmjax.config import base_config
+from lmjax.models.transformer import ModelConfig, forward, init_params
+from lmjax.peft import lora
+from lmjax.posttrain import params as params_lib
+from lmjax.posttrain import tasks as tasks_lib
+from lmjax.train import step as step_lib
+
+CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64, max_seq_len=64)
+
+
+def _inputs(batch=2, length=8, seed=0):
+  tokens = jax.random.randint(jax.random.key(seed), (batch, length), 1, CFG.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  return tokens, positions, jnp.ones_like(tokens)
+
+
+def _base(cfg=CFG):
+  return nn.unbox(init_params(cfg, jax.random.key(0)))
+
+
+def _randomise_b(adapters, scale=0.05):
+  leaves, treedef = jax.tree.flatten_with_path(adapters)
+  out = []
+  for i, (path, x) in enumerate(leaves):
+    name = path[-1].key
+    out.append(x + scale * jax.random.normal(jax.random.key(i), x.shape) if name in 'bdm' else x)
+  return jax.tree.unflatten(treedef, out)
+
+
+@pytest.mark.parametrize('method', ['lora', 'dora', 'vera', 'lora_fa'])
+def test_fresh_adapters_leave_the_model_unchanged(method):
+  base = _base()
+  cfg = lora.PeftConfig(method=method, rank=4)
+  adapters = lora.init_adapters(cfg, base, jax.random.key(1))
+  want = forward(CFG, base, *_inputs())[0]
+  got = forward(CFG, lora.effective_params(cfg, base, adapters), *_inputs())[0]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert len(lora.target_paths(cfg, base)) == CFG.num_layers * 7  # q k v o gate up down
+
+
+def test_targets_and_shapes():
+  base = _base()
+  cfg = lora.PeftConfig(method='lora', rank=4, targets='qv')
+  adapters = lora.init_adapters(cfg, base, jax.random.key(1))
+  flat = traverse_util.flatten_dict(adapters)
+  assert flat[('layers_0', 'attn', 'q', 'a')].shape == (32, 4)
+  assert flat[('layers_0', 'attn', 'q', 'b')].shape == (4, 4 * 8)
+  assert {p[2] for p in flat} == {'q', 'v'}
+  a = np.asarray(flat[('layers_0', 'attn', 'q', 'a')])
+  assert np.abs(a).max() <= 1 / np.sqrt(32) and np.abs(a).max() > 0  # kaiming-uniform bound
+  assert not np.any(np.asarray(flat[('layers_0', 'attn', 'q', 'b')]))
+  assert lora.PeftConfig(rank=4, alpha=8.0).scale == 2.0
+  assert lora.PeftConfig(rank=4, alpha=8.0, rslora=True).scale == 4.0
+
+
+@pytest.mark.parametrize('method', ['lora', 'vera', 'lora_fa'])
+def test_merge_forward_and_unmerge(method):
+  base = _base()
+  cfg = lora.PeftConfig(method=method, rank=4)
+  adapters = _randomise_b(lora.init_adapters(cfg, base, jax.random.key(1)))
+  effective = lora.effective_params(cfg, base, adapters)
+  merged = lora.merge(cfg, base, adapters)
+  assert jax.tree.structure(merged) == jax.tree.structure(base)  # a plain, exportable tree
+  np.testing.assert_allclose(forward(CFG, merged, *_inputs())[0],
+                             forward(CFG, effective, *_inputs())[0], atol=1e-5)
+  assert not np.allclose(merged['layers_0']['attn']['q'], base['layers_0']['attn']['q'])
+  restored = lora.unmerge(cfg, merged, adapters)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(base)):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_scan_layers_lora_and_dora():
+  cfg = CFG.__class__(**{**CFG.__dict__, 'scan_layers': True})
+  base = _base(cfg)
+  for method in ('lora', 'dora'):
+    peft = lora.PeftConfig(method=method, rank=4)
+    adapters = lora.init_adapters(peft, base, jax.random.key(1), stacked=True)
+    assert adapters['layers']['attn']['o']['a'].shape == (2, 32, 4)  # (layers, H*Dh, r)
+    got = forward(cfg, lora.effective_params(peft, base, adapters, stacked=True), *_inputs())[0]
+    np.testing.assert_allclose(got, forward(cfg, base, *_inputs())[0], atol=1e-6)
+
+
+def _config(**peft):
+  c = base_config()
+  c.task = 'sft'
+  c.post.train_file = 'unused.jsonl'
+  c.steps = 10
+  c.model.vocab_size, c.model.num_layers, c.model.d_model = 64, 2, 32
+  c.model.num_heads, c.model.num_kv_heads, c.model.mlp_dim = 4, 2, 64
+  c.model.dtype = 'float32'
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = 'constant'
+  c.optimizer.learning_rate = 1e-2
+  for k, v in peft.items():
+    c.peft[k] = v
+  return c
+
+
+def _sft_batch(batch=2, length=8):
+  tokens, positions, segments = _inputs(batch, length + 1)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'positions': positions[:, :-1],
+          'segment_ids': segments[:, :-1], 'weights': jnp.ones((batch, length))}
+
+
+def _train(config, steps=3):
+  step_cfg = step_lib.StepConfig.from_config(config)
+  tx, schedule = tasks_lib.make_optimizer(config, step_cfg.task)
+  state = step_lib.init_state(step_cfg, tx, 0)
+  state = state.replace(params=nn.unbox(state.params))
+  first = state
+  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
+  for _ in range(steps):
+    state, metrics = fn(state, _sft_batch())
+  return first, state, metrics
+
+
+@pytest.mark.parametrize('method', ['lora', 'dora', 'lora_fa'])
+def test_only_adapters_train(method):
+  first, state, metrics = _train(_config(method=method, rank=4))
+  assert np.isfinite(float(metrics['loss']))
+  assert set(state.params['trainable']) == {'adapters'}
+  for got, want in zip(jax.tree.leaves(state.params['frozen']),
+                       jax.tree.leaves(first.params['frozen'])):
+    np.testing.assert_array_equal(got, want)  # the frozen base never moves
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params['trainable'],
+                         first.params['trainable'])
+  assert all(jax.tree.leaves(changed))
+  # optimizer state only for trainable leaves: its parameter-shaped leaves are adapter-sized
+  trainable_sizes = sum(x.size for x in jax.tree.leaves(state.params['trainable']))
+  opt_sizes = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+  assert opt_sizes == 2 * trainable_sizes  # Adam's two moments
+  if method == 'lora_fa':
+    assert 'a' not in traverse_util.flatten_dict(state.params['trainable']['adapters'])[
+        next(iter(traverse_util.flatten_dict(state.params['trainable']['adapters'])))] or True
+    flat = traverse_util.flatten_dict(state.params['trainable'])
+    assert all(p[-1] == 'b' for p in flat)
+
+
+def test_freezing_by_name_and_bitfit():
+  _, state, _ = _train(_config(freeze_patterns='embed|layers_0/'), steps=1)
+  trainable = traverse_util.flatten_dict(state.params['trainable']['model'])
+  frozen = traverse_util.flatten_dict(state.params['frozen']['model'])
+  assert ('embed',) in frozen and ('layers_0', 'attn', 'q') in frozen
+  assert ('layers_1', 'attn', 'q') in trainable and ('lm_head',) in trainable
+  _, state, _ = _train(_config(method='lora', rank=4, train_patterns='scale$'), steps=1)
+  trainable = traverse_util.flatten_dict(state.params['trainable']['model'])
+  assert trainable and all(p[-1] == 'scale' for p in trainable)
+
+
+def test_bfloat16_frozen_base():
+  first, state, metrics = _train(_config(method='lora', rank=4, base_dtype='bfloat16'), steps=2)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params['frozen']))
+  assert np.isfinite(float(metrics['loss']))
+
+
+def test_lora_plus_scales_b_updates():
+  config = _config(method='lora', rank=4)
+  task = params_lib.task_from_config(config)
+  params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
+                                            jax.random.key(1)))
+  grads = jax.tree.map(jnp.ones_like, params['trainable'])
+  updates = {}
+  for ratio in (1.0, 4.0):
+    config.peft.lora_plus_ratio = ratio
+    task = params_lib.task_from_config(config)
+    tx, _ = tasks_lib.make_optimizer(config, task)
+    updates[ratio] = traverse_util.flatten_dict(
+        tx.update(grads, tx.init(params['trainable']), params['trainable'])[0])
+  for path, u in updates[4.0].items():
+    want = updates[1.0][path] * (4.0 if path[-1] == 'b' else 1.0)
+    np.testing.assert_allclose(u, want, rtol=1e-6)
+    assert np.any(u != 0)
+
+
+def test_adapters_save_load_roundtrip(tmp_path):
+  config = _config(method='lora', rank=4)
+  task = params_lib.task_from_config(config)
+  params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
+                                            jax.random.key(1)))
+  params['trainable']['adapters'] = _randomise_b(params['trainable']['adapters'])
+  params_lib.save_adapters(str(tmp_path), task, params)
+  peft_cfg, small = params_lib.load_adapters(str(tmp_path))
+  assert peft_cfg == task.peft
+  for got, want in zip(jax.tree.leaves(small['adapters']),
+                       jax.tree.leaves(params['trainable']['adapters'])):
+    np.testing.assert_array_equal(got, want)
+  merged = lora.merge(peft_cfg, params['frozen']['model'], small['adapters'])
+  np.testing.assert_allclose(merged['layers_1']['mlp']['down'],
+                             params_lib.merged_model_params(task, params)['layers_1']['mlp']['down'])
