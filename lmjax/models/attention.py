@@ -27,19 +27,30 @@ def attention_mask(q_segment_ids_BL, kv_segment_ids_BS, q_positions_BL, kv_posit
 
 
 def xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS):
-  """Reference attention: einsum + float32 softmax; GQA without repeating K/V."""
+  """Reference attention: einsum + float32 softmax; GQA without repeating K/V.
+
+  Heads move in front once, so both einsums are plain batched matmuls over (batch, kv head) with
+  the query group folded into the rows (M = G * L): the backward pass then needs no transposes of
+  the (L, S) score matrices.
+  """
   batch, q_len, num_heads, head_dim = q_BLHD.shape
-  num_kv_heads = k_BSKD.shape[2]
+  kv_len, num_kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
   group = num_heads // num_kv_heads
-  q_BLKGD = q_BLHD.reshape(batch, q_len, num_kv_heads, group, head_dim)
-  scores_BKGLS = jnp.einsum('blkgd,bskd->bkgls', q_BLKGD, k_BSKD,
-                            preferred_element_type=jnp.float32) * head_dim**-0.5
+  q_BKMD = q_BLHD.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(
+      0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group * q_len, head_dim)
+  k_BKSD = k_BSKD.transpose(0, 2, 1, 3)
+  v_BKSD = v_BSKD.transpose(0, 2, 1, 3)
+  scores_BKMS = jnp.einsum('bkmd,bksd->bkms', q_BKMD, k_BKSD,
+                           preferred_element_type=jnp.float32) * head_dim**-0.5
+  scores_BKGLS = scores_BKMS.reshape(batch, num_kv_heads, group, q_len, kv_len)
   mask_B11LS = mask_BLS[:, None, None, :, :]
   scores_BKGLS = jnp.where(mask_B11LS, scores_BKGLS, jnp.finfo(jnp.float32).min)
   probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1)
   probs_BKGLS = jnp.where(mask_B11LS, probs_BKGLS, 0.0).astype(v_BSKD.dtype)
-  out_BLKGD = jnp.einsum('bkgls,bskd->blkgd', probs_BKGLS, v_BSKD)
-  return out_BLKGD.reshape(batch, q_len, num_heads, head_dim)
+  probs_BKMS = probs_BKGLS.reshape(batch, num_kv_heads, group * q_len, kv_len)
+  out_BKMD = jnp.einsum('bkms,bksd->bkmd', probs_BKMS, v_BKSD)
+  out_BKGLD = out_BKMD.reshape(batch, num_kv_heads, group, q_len, head_dim)
+  return out_BKGLD.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim)
 
 
 def attention(q_BLHD, k_BSKD, v_BSKD, *, segment_ids_BL, positions_BL, kv_segment_ids_BS=None,
