@@ -120,19 +120,20 @@ def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], cfg: Samp
   return {'tokens': tokens, 'logprobs': logprobs, 'finished': finished, 'lengths': lengths}
 
 
-@functools.partial(jax.jit, static_argnames=('model_cfg', 'max_new_tokens'))
+@functools.partial(jax.jit, static_argnames=('model_cfg', 'max_new_tokens', 'buffer_len'))
 def generate_without_cache(model_cfg: ModelConfig, params, tokens_BP, positions_BP, segments_BP,
-                           max_new_tokens: int):
+                           max_new_tokens: int, buffer_len: int = 0):
   """Greedy decoding that recomputes the full forward pass every step (no KV cache).
 
-  The baseline of `tools/bench_generate.py`: a fixed buffer of P + N slots (so one program serves
-  every step), the slots not yet written marked as padding. Returns the new tokens (B, N).
+  The baseline of `tools/bench_generate.py`: a fixed buffer of P + max(N, buffer_len) slots (so
+  one program serves every step; every step costs the same), the slots not yet written marked as
+  padding. Returns the new tokens (B, N).
   """
   p = tokens_BP.shape[1]
-  pad = lambda a: jnp.pad(a, ((0, 0), (0, max_new_tokens)))
+  extra = max(max_new_tokens, buffer_len)
+  pad = lambda a: jnp.pad(a, ((0, 0), (0, extra)))
   last_pos_B = jnp.max(positions_BP, axis=1)
-  positions_BT = pad(positions_BP).at[:, p:].set(last_pos_B[:, None] + 1 +
-                                                  jnp.arange(max_new_tokens))
+  positions_BT = pad(positions_BP).at[:, p:].set(last_pos_B[:, None] + 1 + jnp.arange(extra))
 
   def step(t, carry):
     tokens_BT, segments_BT = carry
@@ -141,4 +142,4 @@ def generate_without_cache(model_cfg: ModelConfig, params, tokens_BP, positions_
     return tokens_BT.at[:, p + t].set(token_B), segments_BT.at[:, p + t].set(1)
 
   tokens_BT, _ = jax.lax.fori_loop(0, max_new_tokens, step, (pad(tokens_BP), pad(segments_BP)))
-  return tokens_BT[:, p:]
+  return tokens_BT[:, p:p + max_new_tokens]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import flax.linen as nn
@@ -170,9 +171,35 @@ def check_accum():
           'param_error': max_relative_error(state.params, ref_state.params)}
 
 
+def loop_config(**overrides):
+  return small_config(**{'eval_batches': 0, 'log_every': 1, 'checkpoint_every': 2,
+                         'optimizer.warmup_steps': 0, 'mesh.data': 1, **overrides})
+
+
+def train_losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    records = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in records if r['split'] == 'train'}
+
+
+def check_reshard():
+  """Uninterrupted fsdp=8 run of 4 steps; a 2-step fsdp=8 run resumed under fsdp=4 x tensor=2.
+  Leaves `<root>/saved` (the 2-step run) for the one-device resume in the test process."""
+  from lmjax.train.loop import train  # pylint: disable=g-import-not-at-top
+  root = os.environ['PARALLEL_WORKDIR']
+  fsdp8 = {'sharding': 'fsdp', 'mesh.fsdp': 8}
+  train(loop_config(steps=4, **fsdp8), os.path.join(root, 'full'))
+  train(loop_config(steps=2, **fsdp8), os.path.join(root, 'saved'))
+  shutil.copytree(os.path.join(root, 'saved'), os.path.join(root, 'resumed_tp'))
+  train(loop_config(steps=4, **{'sharding': 'fsdp_tp', 'mesh.fsdp': 4, 'mesh.tensor': 2}),
+        os.path.join(root, 'resumed_tp'))
+  return {name: train_losses(os.path.join(root, name)) for name in ('full', 'resumed_tp')}
+
+
 def main(argv):
   results = {}
-  checks = {'presets': check_presets, 'pipeline': check_pipeline, 'accum': check_accum}
+  checks = {'presets': check_presets, 'pipeline': check_pipeline, 'accum': check_accum,
+            'reshard': check_reshard}
   for name in argv:
     results[name] = checks[name]()
   print(json.dumps(results))

@@ -8,12 +8,14 @@ import pytest
 from flax import traverse_util
 
 from lmjax.config import base_config
-from lmjax.models.transformer import ModelConfig, forward, init_params
+from lmjax.models.transformer import ModelConfig, init_params
+from lmjax.models.transformer import forward as _forward
 from lmjax.peft import lora
 from lmjax.posttrain import params as params_lib
 from lmjax.posttrain import tasks as tasks_lib
 from lmjax.train import step as step_lib
 
+forward = jax.jit(_forward, static_argnums=0)
 CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=64, max_seq_len=64)
 

@@ -1,0 +1,157 @@
+"""Post-training data, tasks and the CLI: SFT masking and packing, reward head, DPO, PPO."""
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import cli
+from lmjax.config import base_config
+from lmjax.data import preference, sft
+from lmjax.models.transformer import init_params
+from lmjax.posttrain import params as params_lib
+from lmjax.posttrain import tasks as tasks_lib
+from lmjax.train import step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeTok:
+  bos_id, eos_id, pad_id = 2, 3, 0
+
+  def encode(self, text):
+    return [4 + ord(c) % 60 for c in text]
+
+
+def _config(task, **post):
+  c = base_config()
+  c.task = task
+  c.post.train_file = 'unused.jsonl'
+  c.model.vocab_size, c.model.num_layers, c.model.d_model = 64, 2, 32
+  c.model.num_heads, c.model.num_kv_heads, c.model.mlp_dim = 4, 2, 64
+  c.model.dtype = 'float32'
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = 'constant'
+  c.optimizer.learning_rate = 1e-2
+  c.optimizer.weight_decay = 0.0
+  for k, v in post.items():
+    group, key = k.split('__') if '__' in k else ('post', k)
+    c[group][key] = v
+  return c
+
+
+def _params(config):
+  task = params_lib.task_from_config(config)
+  return task, nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
+                                                jax.random.key(1)))
+
+
+def test_sft_encoding_masks_prompt_and_packs():
+  tok = FakeTok()
+  tokens, mask = sft.encode_prompt_response(tok, 'ab', 'cd')
+  assert tokens == [2, 4 + ord('a') % 60, 4 + ord('b') % 60, 4 + ord('c') % 60,
+                    4 + ord('d') % 60, 3]
+  assert mask == [0, 0, 0, 1, 1, 1]
+  chat, chat_mask = sft.encode_messages(tok, [{'role': 'user', 'content': 'hi'},
+                                              {'role': 'assistant', 'content': 'yo'}])
+  assert chat[-3:] == tok.encode('yo') + [3] and chat_mask[-3:] == [1, 1, 1]
+  assert sum(chat_mask) == 3
+  examples = [encode for encode in (sft.encode_prompt_response(tok, 'ab', 'cd'),
+                                    sft.encode_prompt_response(tok, 'x', 'yz'))]
+  batch, used = sft.pack_examples(lambda i: examples[i % 2], 0, 1, 16, pack=True)
+  assert used == 2
+  np.testing.assert_array_equal(batch['segment_ids'][0, :12], [1] * 6 + [2] * 5 + [0])
+  np.testing.assert_array_equal(batch['positions'][0, :11], list(range(6)) + list(range(5)))
+  # targets weighted: response of example 1 (positions 2..4), never the boundary, then example 2
+  np.testing.assert_array_equal(batch['weights'][0, :11], [0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0])
+
+
+def test_sft_loss_ignores_prompt_targets():
+  config = _config('sft')
+  task, params = _params(config)
+  tokens, mask = sft.encode_prompt_response(FakeTok(), 'def f(x):', ' return x')
+  batch, _ = sft.pack_examples(lambda i: (tokens, mask), 0, 2, 24, pack=False)
+  loss = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b)['loss'])
+  base = float(loss(batch))
+  prompt_pos = int(np.argmax(batch['weights'][0] == 0))  # a prompt target
+  changed = dict(batch, targets=batch['targets'].copy())
+  changed['targets'][0, prompt_pos] = (changed['targets'][0, prompt_pos] + 7) % 64
+  assert float(loss(changed)) == base
+  response_pos = int(np.argmax(batch['weights'][0] > 0))
+  changed['targets'][0, response_pos] = (changed['targets'][0, response_pos] + 7) % 64
+  assert float(loss(changed)) != base
+
+
+def test_reward_head_reads_last_non_pad_token():
+  hidden = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  segments = jnp.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+  head = {'w': jnp.arange(4.0), 'b': jnp.float32(0.5)}
+  scores = tasks_lib.score_last_token(hidden, segments, head)
+  np.testing.assert_allclose(scores, [hidden[0, 2] @ head['w'] + 0.5,
+                                      hidden[1, 5] @ head['w'] + 0.5], rtol=1e-6)
+  moved = hidden.at[0, 3:].set(100.0).at[0, :2].set(-5.0)  # padding and earlier tokens
+  np.testing.assert_allclose(tasks_lib.score_last_token(moved, segments, head), scores)
+
+
+def _pair_batch(rows=2, row_len=24):
+  tok = FakeTok()
+  pairs = [preference.encode_pair(tok, {'prompt': f'q{i}:', 'chosen': ' good answer',
+                                        'rejected': ' bad'}) for i in range(rows)]
+  return {k: jnp.asarray(v) for k, v in preference.pair_batch(pairs, row_len).items()}
+
+
+@pytest.mark.parametrize('peft', ['none', 'lora'])
+def test_dpo_starts_at_log2_and_raises_margin(peft):
+  config = _config('dpo', peft__method=peft, peft__rank=4)
+  step_cfg = step_lib.StepConfig.from_config(config)
+  tx, schedule = tasks_lib.make_optimizer(config, step_cfg.task)
+  state = step_lib.init_state(step_cfg, tx, 0)
+  state = state.replace(params=nn.unbox(state.params))
+  assert ('ref' in state.params['frozen']) == (peft == 'none')  # LoRA: no reference copy
+  batch = _pair_batch()
+  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
+  state, first = fn(state, batch)
+  assert float(first['loss']) == pytest.approx(math.log(2.0), abs=1e-5)
+  assert float(first['margin']) == pytest.approx(0.0, abs=1e-6)
+  for _ in range(4):
+    state, metrics = fn(state, batch)
+  assert float(metrics['margin']) > 0.01
+  assert float(metrics['loss']) < math.log(2.0)
+
+
+@pytest.mark.parametrize('loss_type', ['ipo', 'orpo', 'kto'])
+def test_preference_variants_run(loss_type):
+  config = _config('dpo', loss_type=loss_type, peft__method='lora', peft__rank=4)
+  task, params = _params(config)
+  sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(_pair_batch())
+  assert all(np.isfinite(float(v)) for v in sums.values())
+
+
+def test_reward_task_loss():
+  config = _config('reward', margin=0.0, center_coef=0.01)
+  task, params = _params(config)
+  sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(_pair_batch())
+  # the head starts at zero: every reward is 0, so the loss is log 2 per pair
+  assert float(sums['loss'] / sums['weight']) == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_ppo_one_iteration_through_the_cli(tmp_path):
+  workdir = str(tmp_path / 'ppo')
+  rc = cli.main(['train', f'--config={ROOT}/configs/ppo_tiny.py', f'--workdir={workdir}',
+                 '--no_sample', '--config.steps=1'])
+  assert rc == 0
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  train = [r for r in records if r['split'] == 'train']
+  assert train and all(np.isfinite(v) for r in train for v in r.values()
+                       if isinstance(v, (int, float)))
+  for key in ('policy_loss', 'value_loss', 'kl', 'score', 'entropy', 'approx_kl'):
+    assert key in train[-1]
+  merged = str(tmp_path / 'merged')
+  assert cli.main(['peft', 'merge', f'--workdir={workdir}', f'--output={merged}']) == 0
+  assert os.path.isdir(os.path.join(merged, 'params'))
