@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -25,8 +26,7 @@ from lmjax.optim import make_optimizer
 from lmjax.parallel import mesh as mesh_lib
 from lmjax.perf import peak_flops_per_device
 from lmjax.scaling.flops import flops_per_token
-from lmjax.train import step as step_lib
-from lmjax.train.loop import build_state
+from lmjax.train.loop import build_state, jit_steps
 
 
 def synthetic_batch(config, seed=0):
@@ -41,15 +41,10 @@ def synthetic_batch(config, seed=0):
 def bench_lmjax(config, steps: int) -> dict:
   mesh = mesh_lib.make_mesh(config)
   tx, schedule = make_optimizer(config.optimizer, config.steps)
-  step_cfg = step_lib.StepConfig.from_config(config)
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.LOGICAL_RULES)):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.rules(config)[0])):
     create, abstract = build_state(config, mesh, tx)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    step_fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b),
-                      in_shardings=(shardings, batch_sharding), donate_argnums=0)
-    batch = jax.device_put(synthetic_batch(config), batch_sharding)
+    step_fn, _ = jit_steps(config, mesh, tx, schedule, abstract)
+    batch = jax.device_put(synthetic_batch(config), mesh_lib.batch_sharding(mesh))
     start = time.perf_counter()
     compiled = step_fn.lower(abstract, batch).compile()
     compile_s = time.perf_counter() - start

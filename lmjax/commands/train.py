@@ -19,8 +19,10 @@ def run(args) -> int:
   if not summary['finished']:
     print(f'stopped at step {summary["step"]}; checkpoint saved, re-run the command to resume')
     return 0
-  print(f'finished step {summary["step"]}: train loss {summary["train_loss"]:.4f}, '
-        f'eval loss {summary["eval_loss"] if summary["eval_loss"] is None else round(summary["eval_loss"], 4)}')
+  losses = ', '.join(f'{name} {summary[key]:.4f}' for name, key in
+                     (('train loss', 'train_loss'), ('eval loss', 'eval_loss'))
+                     if summary.get(key) is not None)
+  print(f'finished step {summary["step"]}' + (f': {losses}' if losses else ''))
   if not args.no_sample:
     from lmjax.commands.sample import sample_text  # pylint: disable=g-import-not-at-top
     print('--- sample ---')

@@ -20,7 +20,6 @@ from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax.evaluate import held_out_loss
 from lmjax.models import attention as attention_lib
-from lmjax.optim import make_optimizer
 from lmjax.parallel import distributed as distributed_lib
 from lmjax.parallel import mesh as mesh_lib
 from lmjax.parallel.pipeline import bubble_fraction
@@ -86,6 +85,20 @@ def build_state(config, mesh, tx):
   return compiled, abstract
 
 
+def jit_steps(config, mesh, tx, schedule, abstract_state):
+  """The jitted, sharded train step (state donated) and eval step."""
+  step_cfg = step_lib.StepConfig.from_config(config)
+  state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  train_fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b),
+                     in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                     donate_argnums=0)
+  eval_fn = jax.jit(lambda p, b: step_lib.eval_step(step_cfg.model, p, b),
+                    in_shardings=(state_shardings.params, batch_sharding))
+  return train_fn, eval_fn
+
+
 def global_batch(batch: dict, sharding) -> dict:
   """Assembles the global batch from this process's rows."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
@@ -140,13 +153,7 @@ def train(config, workdir: str) -> dict:
         state = post_params_lib.init_from(step_cfg.task, config.init_from, state)
       elif config.init_from:
         state = _init_params_from(config.init_from, state, abstract_state)
-    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-    train_fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b),
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
-                       donate_argnums=0)
-    eval_fn = jax.jit(lambda p, b: step_lib.eval_step(step_cfg.model, p, b),
-                      in_shardings=(state_shardings.params, batch_sharding))
+    train_fn, eval_fn = jit_steps(config, mesh, tx, schedule, abstract_state)
     summary = _run_loop(config, workdir, state, train_iter, eval_batches, train_fn, eval_fn,
                         checkpointer, batch_sharding, is_lead, start_time)
   checkpointer.close()
@@ -215,14 +222,21 @@ def _run_loop(config, workdir, state, train_iter, eval_batches, train_fn, eval_f
       checkpointer.save(step, state, train_iter.get_state(), force=True)
   checkpointer.wait()
   writer.close()
+  getattr(train_iter, 'close', lambda: None)()
+  summary_path = os.path.join(workdir, 'summary.json')
+  previous = {}  # a resumed run that had nothing left to do keeps its last train loss
+  if os.path.exists(summary_path):
+    with open(summary_path, encoding='utf-8') as f:
+      previous = json.load(f)
   summary = {
       'step': step, 'finished': finished, 'stopped_by_signal': not finished,
-      'train_loss': last_train.get('loss'), 'eval_loss': last_eval.get('loss'),
+      'train_loss': last_train.get('loss', previous.get('train_loss')),
+      'eval_loss': last_eval.get('loss'),
       'eval_perplexity': last_eval.get('perplexity'), 'tokens': step * tokens_per_step,
       'skipped_steps': last_train.get('skipped'), 'wall_seconds': time.time() - start_time,
   }
   if is_lead:
-    _write_json(os.path.join(workdir, 'summary.json'), summary)
+    _write_json(summary_path, summary)
   return summary
 
 
