@@ -19,7 +19,7 @@ COMMANDS = {
     'convert': ('lmjax.commands.convert', 'convert Hugging Face models to/from workdirs'),
     'scaling': ('lmjax.commands.scaling', 'scaling laws: FLOP accounting, IsoFLOP design, fits'),
     'sweep': ('lmjax.commands.sweep', 'run or resume a sweep of training runs'),
-    'peft': ('lmjax.posttrain.cli', 'merge adapters into a params export, or save them alone'),
+    'peft': ('lmjax.commands.peft', 'merge adapters into a params export, or save them alone'),
 }
 
 

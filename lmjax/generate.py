@@ -13,6 +13,7 @@ K/V per kv head).
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from lmjax.models.transformer import ModelConfig, forward, init_cache
 
 __all__ = ['SamplingConfig', 'decode', 'filter_logits', 'generate', 'generate_without_cache',
            'left_pad', 'prefill', 'sample_tokens']
+_log = logging.getLogger(__name__)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
@@ -108,6 +110,10 @@ def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], cfg: Samp
   length-penalised score. The same seed gives the same output.
   """
   tokens_BP, positions_BP, segments_BP = left_pad(prompts, pad_id)
+  longest = max(len(p) for p in prompts) + cfg.max_new_tokens
+  if longest > model_cfg.max_seq_len:
+    _log.warning('generate: prompt + max_new_tokens reaches %d tokens, beyond model.max_seq_len=%d',
+                 longest, model_cfg.max_seq_len)
   max_len = tokens_BP.shape[1] + cfg.max_new_tokens
   logits_BV, cache = prefill(model_cfg, params, tokens_BP, positions_BP, segments_BP,
                              max_len=max_len)

@@ -252,3 +252,33 @@ def test_bubble_fraction():
   assert bubble_fraction(1, 8) == 0.0
   assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
   assert bubble_fraction(2, 16) == pytest.approx(1 / 17)
+
+
+def _estimator():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(TESTS), 'tools', 'estimate_memory.py')
+  spec = importlib.util.spec_from_file_location('estimate_memory', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_estimate_memory_analytic_and_xla(capsys):
+  tool = _estimator()
+  config = small_config()
+  _, one = tool.analytic(config, 1)
+  config_lib.apply_overrides(config, ['sharding=fsdp', 'mesh.data=1', 'mesh.fsdp=-1'])
+  _, eight = tool.analytic(config, 8)
+  assert eight['params'] == pytest.approx(one['params'] / 8, rel=0.05)  # norms replicated
+  assert eight['optimizer'] == pytest.approx(2 * eight['params'], rel=0.01)  # Adam: mu and nu
+  args, overrides = tool._parse(['--config=tiny', '--devices=1', '--config.batch_size=2'])  # pylint: disable=protected-access
+  estimate, xla = tool.main(args, overrides)
+  assert xla['temp_size_in_bytes'] > 0 and estimate['total'] > 0
+  assert 'XLA memory_analysis' in capsys.readouterr().out
+
+
+def test_estimate_memory_topology_unavailable_is_a_clear_error():
+  tool = _estimator()
+  args, overrides = tool._parse(['--config=tiny', '--topology=v5e:2x2'])  # pylint: disable=protected-access
+  with pytest.raises(SystemExit, match='--topology=v5e:2x2: cannot describe'):
+    tool.main(args, overrides)
