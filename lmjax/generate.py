@@ -25,6 +25,7 @@ from lmjax.models.transformer import ModelConfig, forward, init_cache
 
 __all__ = ['SamplingConfig', 'decode', 'filter_logits', 'generate', 'generate_without_cache',
            'left_pad', 'prefill', 'sample_tokens']
+
 _log = logging.getLogger(__name__)
 
 

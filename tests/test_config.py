@@ -76,3 +76,16 @@ def test_cli_reports_a_config_error_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       'lmjax train: config error: model.num_kv_heads: 3 does not divide model.num_heads=4']
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_resuming_under_another_model_shape_names_the_key(tmp_path):
+  run = lambda *extra: subprocess.run(
+      [sys.executable, '-m', 'lmjax.cli', 'train', '--config=tiny', f'--workdir={tmp_path}',
+       '--config.steps=2', '--config.optimizer.warmup_steps=1', '--config.eval_every=100',
+       '--no_sample', *extra],
+      capture_output=True, text=True, timeout=300)
+  assert run().returncode == 0
+  result = run('--config.model.d_model=32')
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith(
+      'lmjax train: config error: model.d_model: ') and 'not 32' in result.stderr

@@ -158,8 +158,9 @@ def topology_devices(name: str):
   try:
     return topologies.get_topology_desc(name, platform='tpu').devices
   except Exception as e:  # pylint: disable=broad-except
-    raise SystemExit(f'--topology={name}: cannot describe this TPU topology here ({type(e).__name__}: '
-                     f'{str(e).splitlines()[0] if str(e) else e}); it needs libtpu '
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise SystemExit(f'--topology={name}: cannot describe this TPU topology here ({reason}); it '
+                     'needs libtpu '
                      '(pip install jax[tpu]) and a valid name such as v5e:2x2') from None
 
 

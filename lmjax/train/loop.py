@@ -121,6 +121,7 @@ def train(config, workdir: str) -> dict:
   attention_lib.check_available(config.model.attention)
   os.makedirs(workdir, exist_ok=True)
   is_lead = jax.process_index() == 0
+  _check_resume_compatible(config, workdir)
   if is_lead:
     _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
@@ -238,6 +239,29 @@ def _run_loop(config, workdir, state, train_iter, eval_batches, train_fn, eval_f
   if is_lead:
     _write_json(summary_path, summary)
   return summary
+
+
+def _check_resume_compatible(config, workdir: str) -> None:
+  """A workdir with checkpoints resumes only under the same model (and task, PEFT) shape."""
+  path = os.path.join(workdir, 'config.json')
+  if not (os.path.isdir(os.path.join(workdir, 'checkpoints')) and os.path.exists(path)):
+    return
+  with open(path, encoding='utf-8') as f:
+    saved = config_lib.from_json(f.read())
+  for group in ('model', 'peft', 'task'):
+    old, new = saved.get(group), config.get(group)
+    old = old.to_dict() if hasattr(old, 'to_dict') else old
+    new = new.to_dict() if hasattr(new, 'to_dict') else new
+    if old == new:
+      continue
+    if isinstance(old, dict):
+      key = next(f'{group}.{k}' for k in new if old.get(k) != new[k])
+      old, new = old.get(key.split('.', 1)[1]), new[key.split('.', 1)[1]]
+    else:
+      key = group
+    raise config_lib.ConfigError(
+        f'{key}: {workdir} holds checkpoints of a run with {key}={old!r}, not {new!r}; '
+        'use another --workdir (or --config.init_from to start from it)')
 
 
 def _maybe_crash(step: int) -> None:
