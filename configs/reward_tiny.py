@@ -1,35 +1,14 @@
-"""Tiny reward post-training run for tests: seconds on one CPU core (see lmjax.posttrain)."""
+"""Tiny reward model (full fine-tuning + scalar head, Bradley-Terry loss), for tests."""
 
 import os
 
-from lmjax.config import base_config
-
-_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'data')
+from lmjax.config import load_config
 
 
 def get_config():
-  c = base_config()
+  c = load_config('sft_tiny')
   c.task = 'reward'
-  c.steps = 6
-  c.batch_size = 4
-  c.seq_len = 48
-  c.log_every = 2
-  c.eval_every = 1000
-  c.eval_batches = 0
-  c.checkpoint_every = 1000
-  c.progress_bar = False
-  c.model.vocab_size = 384  # the tokenizer and model shape of configs/tiny.py (init_from it)
-  c.model.num_layers = 2
-  c.model.d_model = 64
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.mlp_dim = 128
-  c.model.max_seq_len = 256
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 0
-  c.optimizer.schedule = 'constant'
-  c.optimizer.weight_decay = 0.0
-  c.sample.max_new_tokens = 16
-  c.post.train_file = os.path.join(_DATA, 'preference.jsonl')
+  c.peft.method = 'none'
+  c.post.train_file = os.path.join(os.path.dirname(c.post.train_file), 'preference.jsonl')
   c.post.center_coef = 0.01
   return c

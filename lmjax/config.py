@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5
   m.tie_embeddings = False
   m.sliding_window = 0  # 0 = full causal attention
+  m.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
   m.attention = 'xla'  # xla | pallas | cudnn
   m.scan_layers = False
   m.remat = 'none'  # none | full | dots | dots_saveable | minimal
@@ -109,7 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.peft = ml_collections.ConfigDict()  # parameter-efficient fine-tuning (lmjax.peft)
   p = c.peft
-  p.method = 'none'  # none (full fine-tuning) | lora | dora | vera | lora_fa
+  # none (full fine-tuning) | lora | dora | vera | lora_fa (weight deltas, mergeable) |
+  # bottleneck | prefix | prompt | p_tuning (in-model: not mergeable, `lmjax peft save` exports them)
+  p.method = 'none'
   p.rank = 8
   p.alpha = 16.0
   p.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
@@ -120,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.freeze_patterns = ''  # full fine-tuning: regex of base leaves kept frozen ('embed|layers_0/')
   p.base_dtype = 'float32'  # frozen base storage: float32 | bfloat16
   p.seed = 0  # VeRA's shared random projections
+  p.num_virtual_tokens = 8  # prefix / prompt / p_tuning: virtual tokens (prefix length)
+  p.adapter_dim = 16  # bottleneck: adapter hidden size
+  p.encoder_dim = 0  # p_tuning: prompt-encoder MLP hidden size (0 = model.d_model)
 
   c.post = ml_collections.ConfigDict()  # post-training tasks (lmjax.posttrain)
   q = c.post
@@ -174,7 +180,8 @@ _CHOICES = {
     'optimizer.schedule': ('cosine', 'linear', 'wsd', 'constant'),
     'data.on_bad_input': ('error', 'skip'),
     'task': ('pretrain', 'sft', 'reward', 'dpo', 'ppo'),
-    'peft.method': ('none', 'lora', 'dora', 'vera', 'lora_fa'),
+    'peft.method': ('none', 'lora', 'dora', 'vera', 'lora_fa', 'bottleneck', 'prefix', 'prompt',
+                    'p_tuning'),
     'peft.base_dtype': ('float32', 'bfloat16'),
     'post.loss_type': ('sigmoid', 'ipo', 'hinge', 'orpo', 'kto'),
     'post.kl_estimator': ('k1', 'k2', 'k3'),
@@ -327,6 +334,15 @@ def _validate_post(config) -> None:
     raise ConfigError(f'peft.dropout: must be in [0, 1); got {p.dropout}')
   if p.lora_plus_ratio <= 0:
     raise ConfigError(f'peft.lora_plus_ratio: must be positive; got {p.lora_plus_ratio}')
+  if p.method in ('prefix', 'prompt', 'p_tuning') and p.num_virtual_tokens <= 0:
+    raise ConfigError(f'peft.num_virtual_tokens: must be positive; got {p.num_virtual_tokens}')
+  if p.method == 'bottleneck' and p.adapter_dim <= 0:
+    raise ConfigError(f'peft.adapter_dim: must be positive; got {p.adapter_dim}')
+  if p.method == 'p_tuning' and p.encoder_dim < 0:
+    raise ConfigError(f'peft.encoder_dim: must be >= 0; got {p.encoder_dim}')
+  if p.method in ('bottleneck', 'prefix', 'prompt', 'p_tuning') and config.task == 'ppo':
+    raise ConfigError(f'peft.method: {p.method} is not supported by task=ppo (its rollouts decode '
+                      'the plain model); use lora, dora, vera or lora_fa')
   if config.task in ('sft', 'reward', 'dpo') and not q.train_file:
     raise ConfigError(f'post.train_file: task={config.task} needs a JSONL file')
   if q.beta <= 0:

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from lmjax import checkpoint, config as config_lib
-from lmjax.convert import (ConversionError, abstract_params, export_hf, import_hf,
-                           load_tokenizer, model_config_from_hf)
+from lmjax.convert import (ConversionError, abstract_params, export_hf, hf_config_from_model,
+                           import_hf, load_tokenizer, model_config_from_hf)
 from lmjax.models import transformer
 from lmjax.scaling import flops
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -41,21 +41,26 @@ CASES = {
                       'high_freq_factor': 4.0, 'original_max_position_embeddings': 32}), {}),
     'mistral_sliding_window': ('mistral', dict(num_key_value_heads=2, tie_word_embeddings=False,
                                                sliding_window=5, rope_theta=1000.0), {}),
+    # Qwen2: q/k/v biases; a sliding_window that use_sliding_window=False switches off
+    'qwen2_qkv_bias_tied': ('qwen2', dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                          rope_theta=1000000.0, use_sliding_window=False,
+                                          sliding_window=4, max_window_layers=1), {}),
 }
+_HF_CLASSES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+               'qwen2': 'Qwen2ForCausalLM'}
 
 
 def _hf_model(kind, overrides):
   torch.manual_seed(0)
-  if kind == 'llama':
-    config = transformers.LlamaConfig(**_COMMON, **overrides)
-    model = transformers.LlamaForCausalLM(config)
-  else:
-    config = transformers.MistralConfig(**_COMMON, **overrides)
-    model = transformers.MistralForCausalLM(config)
+  config_cls = {'llama': transformers.LlamaConfig, 'mistral': transformers.MistralConfig,
+                'qwen2': transformers.Qwen2Config}[kind]
+  model = getattr(transformers, _HF_CLASSES[kind])(config_cls(**_COMMON, **overrides))
   with torch.no_grad():  # non-trivial norm scales, so a misplaced norm weight shows
     for name, p in model.named_parameters():
       if 'norm' in name:
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      elif name.endswith('.bias'):  # initialised to zero; random, so a misplaced bias shows
+        p.copy_(0.5 * torch.randn_like(p))
   model.generation_config.eos_token_id = None
   model.generation_config.pad_token_id = 0
   return model.eval()
@@ -121,9 +126,14 @@ def test_round_trip_is_exact(case):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
   # transformers loads the export, with the same weights as the original model
   kind = CASES[case['name']][0]
-  cls = transformers.LlamaForCausalLM if kind == 'llama' else transformers.MistralForCausalLM
+  with open(os.path.join(hf_dir2, 'config.json')) as f:
+    exported = json.load(f)
+  assert exported['architectures'] == [_HF_CLASSES[kind]]
+  assert exported['model_type'] == kind
+  cls = getattr(transformers, _HF_CLASSES[kind])
   reloaded = cls.from_pretrained(hf_dir2, attn_implementation='eager').eval()
   original = case['model'].state_dict()
+  assert set(reloaded.state_dict()) == set(original)
   for name, tensor in reloaded.state_dict().items():
     assert torch.equal(tensor, original[name]), name
   assert (getattr(reloaded.config, 'sliding_window', None) ==
@@ -173,8 +183,8 @@ def test_greedy_generation_matches(case):
 
 
 def test_scan_layers_import_and_export(case, tmp_path):
-  if case['name'] != 'llama_gqa_untied_sharded':
-    pytest.skip('one case suffices')
+  if case['name'] not in ('llama_gqa_untied_sharded', 'qwen2_qkv_bias_tied'):
+    pytest.skip('one case suffices (and the one with biases)')
   config, params = import_hf(case['hf_dir'], str(tmp_path / 'scan'), scan_layers=True)
   assert config.model.scan_layers
   for i in range(case['cfg'].num_layers):
@@ -228,7 +238,10 @@ _BASE_HF = dict(architectures=['LlamaForCausalLM'], hidden_size=64, num_hidden_l
     ({'mlp_bias': True}, 'mlp_bias'),
     ({'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}}, 'rope_scaling'),
     ({'rope_parameters': {'rope_type': 'dynamic', 'rope_theta': 1e4}}, 'rope_parameters'),
-    ({'architectures': ['Qwen2ForCausalLM']}, 'architectures'),
+    ({'architectures': ['Qwen3ForCausalLM']}, 'architectures'),
+    ({'architectures': ['Qwen2ForCausalLM'], 'use_sliding_window': True, 'sliding_window': 4},
+     'use_sliding_window'),
+    ({'architectures': ['Qwen2ForCausalLM'], 'mlp_bias': True}, 'mlp_bias'),
     ({'architectures': ['GPT2LMHeadModel']}, 'architectures'),
     ({'sliding_window': 4}, 'sliding_window'),
     ({'layer_types': ['full_attention', 'sliding_attention']}, 'layer_types'),
@@ -237,6 +250,49 @@ _BASE_HF = dict(architectures=['LlamaForCausalLM'], hidden_size=64, num_hidden_l
 def test_unsupported_config_names_the_field(change, field):
   with pytest.raises(ConversionError, match=f'^{field}:'):
     model_config_from_hf(dict(_BASE_HF, **change))
+
+
+def test_qwen2_config():
+  values = model_config_from_hf(dict(_BASE_HF, architectures=['Qwen2ForCausalLM'],
+                                     use_sliding_window=False, sliding_window=32768))
+  assert values['qkv_bias'] and values['sliding_window'] == 0
+  assert not model_config_from_hf(_BASE_HF)['qkv_bias']
+  model = config_lib.base_config().model
+  model.update(qkv_bias=True)
+  hf = hf_config_from_model(model, 'float32', {'attention_bias': True, 'model_type': 'llama'})
+  assert hf['architectures'] == ['Qwen2ForCausalLM'] and hf['model_type'] == 'qwen2'
+  assert 'attention_bias' not in hf and hf['use_sliding_window'] is False
+  model.update(sliding_window=8)
+  with pytest.raises(ConversionError, match='^model.sliding_window:'):
+    hf_config_from_model(model, 'float32')
+
+
+def test_qkv_bias_off_and_zero_change_nothing():
+  """Without qkv_bias the param tree has no bias leaves; with it, zero-initialised biases
+  leave the kernels' init and the logits exactly as without."""
+  base = transformer.ModelConfig(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, mlp_dim=96, init_std=0.2)
+  biased = transformer.ModelConfig(**dict(vars(base), qkv_bias=True))
+  assert set(abstract_params(base)['layers_0']['attn']) == {'q', 'k', 'v', 'o'}
+  p0 = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x,
+                    transformer.init_params(base, jax.random.key(0)),
+                    is_leaf=lambda x: hasattr(x, 'unbox'))
+  p1 = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x,
+                    transformer.init_params(biased, jax.random.key(0)),
+                    is_leaf=lambda x: hasattr(x, 'unbox'))
+  attn = p1['layers_0']['attn']
+  assert attn['q_bias'].shape == (4, 16) and attn['k_bias'].shape == attn['v_bias'].shape == (2, 16)
+  assert not np.any(np.asarray(attn['q_bias']))
+  for i in range(2):
+    for name in ('q_bias', 'k_bias', 'v_bias'):
+      del p1[f'layers_{i}']['attn'][name]
+  jax.tree.map(np.testing.assert_array_equal, p1, p0)
+  tokens = np.random.RandomState(3).randint(0, VOCAB, (1, LENGTH))
+  p1 = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x,
+                    transformer.init_params(biased, jax.random.key(0)),
+                    is_leaf=lambda x: hasattr(x, 'unbox'))
+  np.testing.assert_array_equal(_lmjax_logits(biased, p1, tokens), _lmjax_logits(base, p0, tokens))
+  assert flops.param_counts(biased)['total'] == sum(x.size for x in jax.tree.leaves(p1))
 
 
 def test_unsupported_checkpoint_errors(tmp_path):

@@ -197,3 +197,161 @@ def test_adapters_save_load_roundtrip(tmp_path):
   merged = lora.merge(peft_cfg, params['frozen']['model'], small['adapters'])
   np.testing.assert_allclose(merged['layers_1']['mlp']['down'],
                              params_lib.merged_model_params(task, params)['layers_1']['mlp']['down'])
+
+
+# ---------------------------------------------------------------------------------------------
+# In-model methods (lmjax.peft.hooks): bottleneck adapters, prefix / prompt / P-tuning
+# ---------------------------------------------------------------------------------------------
+
+from lmjax.peft import hooks  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+HOOK_METHODS = ('bottleneck', 'prefix', 'prompt', 'p_tuning')
+
+
+def _hook_cfg(method, **kw):
+  return lora.PeftConfig(method=method, num_virtual_tokens=3, adapter_dim=4, encoder_dim=16, **kw)
+
+
+def _perturb(leaves, scale=0.1):
+  """Every leaf moved by noise (so zero-initialised up-projections matter)."""
+  flat, treedef = jax.tree.flatten(leaves)
+  return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(jax.random.key(i), x.shape)
+                                      for i, x in enumerate(flat)])
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_bottleneck_starts_exactly_at_the_base_model(scan):
+  cfg = CFG.__class__(**{**CFG.__dict__, 'scan_layers': scan})
+  base = _base(cfg)
+  peft_cfg = _hook_cfg('bottleneck')
+  leaves = hooks.init_leaves(peft_cfg, cfg, base, jax.random.key(1))
+  assert leaves['attn']['down'].shape == (2, 32, 4) and leaves['mlp']['up'].shape == (2, 4, 32)
+  want = forward(cfg, base, *_inputs())[0]
+  np.testing.assert_array_equal(
+      forward(cfg, base, *_inputs(), peft=hooks.model_peft(peft_cfg, leaves))[0], want)
+  moved = forward(cfg, base, *_inputs(), peft=hooks.model_peft(peft_cfg, _perturb(leaves)))[0]
+  assert not np.allclose(moved, want, atol=1e-4)
+
+
+def test_prompt_tuning_is_virtual_tokens_before_the_input():
+  base = _base()
+  tokens, positions, segments = _inputs()
+  ids = jnp.array([5, 9, 11])
+  got = forward(CFG, base, tokens, positions, segments, peft={'prompt': base['embed'][ids]})[0]
+  full = jnp.concatenate([jnp.broadcast_to(ids, (2, 3)), tokens], axis=1)
+  full_positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  want = forward(CFG, base, full, full_positions, jnp.ones_like(full))[0][:, 3:]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # P-tuning starts as prompt tuning from its seeds (zero second layer), then the encoder counts
+  p_cfg = _hook_cfg('p_tuning')
+  leaves = hooks.init_leaves(p_cfg, CFG, base, jax.random.key(2))
+  np.testing.assert_array_equal(hooks.prompt_encoder(leaves), leaves['seeds'])
+  assert leaves['w1'].shape == (32, 16)
+  moved = dict(leaves, w2=leaves['w2'] + 0.1)
+  assert not np.allclose(hooks.model_peft(p_cfg, moved)['prompt'], leaves['seeds'])
+
+
+def test_prefix_tuning_init_is_the_prompt_of_the_same_tokens():
+  """Prefix keys/values start as the base model's own for P vocabulary tokens: with the real
+  tokens' positions moved up by P that is exactly prompt tuning with those tokens."""
+  base = _base()
+  tokens, positions, segments = _inputs()
+  prefix = hooks.init_leaves(_hook_cfg('prefix'), CFG, base, jax.random.key(3))
+  prompt = hooks.init_leaves(_hook_cfg('prompt'), CFG, base, jax.random.key(3))
+  assert prefix['k'].shape == (2, 3, 2, 8)  # (layers, P, kv heads, head dim)
+  got = forward(CFG, base, tokens, positions + 3, segments,
+                peft=hooks.model_peft(_hook_cfg('prefix'), prefix))[0]
+  want = forward(CFG, base, tokens, positions, segments,
+                 peft=hooks.model_peft(_hook_cfg('prompt'), prompt))[0]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert not np.allclose(got, forward(CFG, base, tokens, positions, segments)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize('method', ['prefix', 'prompt'])
+def test_packed_documents_each_see_the_prefix_and_never_each_other(method):
+  base = _base()
+  peft_cfg = _hook_cfg(method)
+  peft = hooks.model_peft(peft_cfg, _perturb(hooks.init_leaves(peft_cfg, CFG, base,
+                                                                 jax.random.key(4))))
+  tokens = jax.random.randint(jax.random.key(5), (1, 10), 1, CFG.vocab_size)
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]])  # two documents and one pad slot
+  positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]])
+  packed = forward(CFG, base, tokens, positions, segments, peft=peft)[0]
+  for lo, hi in ((0, 4), (4, 9)):
+    alone = forward(CFG, base, tokens[:, lo:hi], positions[:, lo:hi],
+                    jnp.ones((1, hi - lo), jnp.int32), peft=peft)[0]
+    np.testing.assert_allclose(packed[:, lo:hi], alone, atol=1e-5)
+    plain = forward(CFG, base, tokens[:, lo:hi], positions[:, lo:hi],
+                    jnp.ones((1, hi - lo), jnp.int32))[0]
+    assert not np.allclose(alone, plain, atol=1e-3)  # the prefix reaches every document
+  assert np.all(np.isfinite(packed))
+
+
+@pytest.mark.parametrize('method', HOOK_METHODS)
+def test_gradients_reach_only_the_method_leaves(method):
+  config = _config(method=method, num_virtual_tokens=3, adapter_dim=4, encoder_dim=16)
+  task = params_lib.task_from_config(config)
+  params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
+                                            jax.random.key(1)))
+  assert set(params['trainable']) == {'adapters'}
+  # the base tree is untouched: the plain model reads it and the method only adds `peft`
+  base = params_lib.model_params(task, params)
+  assert jax.tree.structure(base) == jax.tree.structure(_base())
+  batch = _sft_batch()
+  plain = forward(CFG, base, batch['inputs'], batch['positions'], batch['segment_ids'])[0]
+  np.testing.assert_array_equal(
+      plain, forward(CFG, params_lib.reference_params(task, params), batch['inputs'],
+                     batch['positions'], batch['segment_ids'])[0])
+  if method == 'p_tuning':  # a non-zero second layer, so the first one gets a gradient too
+    params['trainable']['adapters']['w2'] += 0.05
+  loss = lambda trainable: tasks_lib.loss_sums(
+      task, {'trainable': trainable, 'frozen': params['frozen']}, batch)['loss']
+  grads = jax.grad(loss)(params['trainable'])
+  for path, g in traverse_util.flatten_dict(grads['adapters']).items():
+    assert np.any(np.asarray(g) != 0), path
+  with pytest.raises(ValueError, match='cannot be merged'):
+    params_lib.merged_model_params(task, params)
+  with pytest.raises(ValueError, match='cannot be merged'):
+    lora.merge(task.peft, base, params['trainable']['adapters'])
+
+
+@pytest.mark.parametrize('method', HOOK_METHODS)
+def test_hook_methods_train_with_a_frozen_base(method):
+  config = _config(method=method, num_virtual_tokens=3, adapter_dim=4, encoder_dim=16)
+  step_cfg = step_lib.StepConfig.from_config(config)
+  tx, schedule = tasks_lib.make_optimizer(config, step_cfg.task)
+  state = step_lib.init_state(step_cfg, tx, 0)
+  state = state.replace(params=nn.unbox(state.params))
+  first = state
+  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
+  losses = []
+  for _ in range(6):
+    state, metrics = fn(state, _sft_batch())
+    losses.append(float(metrics['loss']))
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  for got, want in zip(jax.tree.leaves(state.params['frozen']),
+                       jax.tree.leaves(first.params['frozen'])):
+    np.testing.assert_array_equal(got, want)  # the base never moves
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params['trainable'],
+                         first.params['trainable'])
+  assert all(jax.tree.leaves(changed)), changed
+
+
+def test_hook_method_save_and_merge_refusal(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from lmjax.commands import peft as peft_command  # pylint: disable=g-import-not-at-top
+  config = _config(method='prefix', num_virtual_tokens=3)
+  task = params_lib.task_from_config(config)
+  params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
+                                            jax.random.key(1)))
+  params_lib.save_adapters(str(tmp_path / 'saved'), task, params)
+  peft_cfg, small = params_lib.load_adapters(str(tmp_path / 'saved'))
+  assert peft_cfg == task.peft
+  np.testing.assert_array_equal(small['adapters']['k'], params['trainable']['adapters']['k'])
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
+  args = SimpleNamespace(action='merge', workdir=str(workdir), output=str(tmp_path / 'merged'))
+  assert peft_command.run(args) == 2
+  assert not (tmp_path / 'merged').exists()

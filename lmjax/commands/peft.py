@@ -5,6 +5,9 @@
                                                     `lmjax sample`, `lmjax convert --to_hf`,
                                                     `--config.init_from=DIR2`)
   lmjax peft save --workdir=DIR --output=DIR2       the adapters (and heads) alone + peft.json
+
+Bottleneck adapters, prefix tuning, prompt tuning and P-tuning add computation to the forward
+pass rather than a weight delta: `merge` refuses them with an error; `save` exports them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ def merge_workdir(workdir: str, output: str) -> None:
   config = params_lib.read_config(workdir)
   if config is None:
     raise FileNotFoundError(f'{workdir}: no config.json (not an lmjax workdir)')
+  task = params_lib.task_from_config(config)
+  if task is not None and not task.peft.low_rank and task.peft.enabled:
+    from lmjax.peft import hooks  # pylint: disable=g-import-not-at-top
+    raise hooks.merge_error(task.peft.method)
   task, params = params_lib.load_post_params(workdir, config)
   merged = params_lib.merged_model_params(task, params)
   os.makedirs(output, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Hugging Face interoperability: import LLaMA / Mistral checkpoints, export them back.
+"""Hugging Face interoperability: import LLaMA / Mistral / Qwen2 checkpoints, export them back.
 
   import_hf(hf_dir, workdir, dtype='float32')   HF dir -> lmjax workdir (config.json + params/)
   export_hf(workdir, hf_dir)                    lmjax workdir -> HF dir (config.json + safetensors)

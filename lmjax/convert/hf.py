@@ -1,8 +1,10 @@
-"""Import Hugging Face LLaMA / Mistral checkpoints into lmjax workdirs, and export them back.
+"""Import Hugging Face LLaMA / Mistral / Qwen2 checkpoints into lmjax workdirs; export them back.
 
 Weight layout (HF `nn.Linear` weights are (out, in); lmjax weights are (in, out...)):
   model.embed_tokens.weight (V, D)                 embed (V, D)
   model.layers.{i}.self_attn.q_proj.weight (H*Dh, D)  layers_{i}/attn/q (D, H, Dh)   (k, v: K heads)
+  model.layers.{i}.self_attn.q_proj.bias (H*Dh,)      layers_{i}/attn/q_bias (H, Dh)  (k, v: K;
+                                                      only with `model.qkv_bias`, i.e. Qwen2)
   model.layers.{i}.self_attn.o_proj.weight (D, H*Dh)  layers_{i}/attn/o (H, Dh, D)
   model.layers.{i}.mlp.{gate,up}_proj.weight (F, D)   layers_{i}/mlp/{gate,up} (D, F)
   model.layers.{i}.mlp.down_proj.weight (D, F)        layers_{i}/mlp/down (F, D)
@@ -66,6 +68,11 @@ def _specs(cfg: transformer.ModelConfig):
         (i, ('attn', 'q'), pre + 'self_attn.q_proj.weight', 'proj_in'),
         (i, ('attn', 'k'), pre + 'self_attn.k_proj.weight', 'proj_in'),
         (i, ('attn', 'v'), pre + 'self_attn.v_proj.weight', 'proj_in'),
+    ]
+    if cfg.qkv_bias:
+      specs += [(i, ('attn', f'{p}_bias'), pre + f'self_attn.{p}_proj.bias', 'bias')
+                for p in ('q', 'k', 'v')]
+    specs += [
         (i, ('attn', 'o'), pre + 'self_attn.o_proj.weight', 'proj_out'),
         (i, ('attn_norm', 'scale'), pre + 'input_layernorm.weight', 'copy'),
         (i, ('mlp', 'gate'), pre + 'mlp.gate_proj.weight', 'transpose'),
@@ -99,9 +106,10 @@ def _set(tree, path, value):
 
 def _to_lmjax(kind, w, shape, name):
   hf_shape = w.shape
-  if kind != 'copy':
+  if kind not in ('copy', 'bias'):
     w = w.T
-  if w.size != int(np.prod(shape)) or (kind in ('copy', 'transpose') and w.shape != shape):
+  if (w.size != int(np.prod(shape)) or (kind in ('copy', 'transpose') and w.shape != shape) or
+      (kind == 'bias' and w.ndim != 1)):
     raise ConversionError(f'{name}: shape {hf_shape} does not match the config (lmjax expects '
                           f'{shape} in its layout)')
   return w.reshape(shape)
@@ -112,6 +120,8 @@ def _to_hf(kind, p):
     return p.reshape(p.shape[0], -1).T
   if kind == 'proj_out':
     return p.reshape(-1, p.shape[-1]).T
+  if kind == 'bias':
+    return p.reshape(-1)
   return p.T if kind == 'transpose' else p
 
 

@@ -1,8 +1,9 @@
 """Hugging Face `config.json` <-> the lmjax `model` config group.
 
-Only architectures that lmjax computes exactly are accepted: LLaMA and Mistral (a LLaMA with a
-sliding attention window). Every field that would change the computation and that lmjax does not
-implement raises `ConversionError` naming the field; nothing is approximated silently.
+Only architectures that lmjax computes exactly are accepted: LLaMA, Mistral (a LLaMA with a
+sliding attention window) and Qwen2 (a LLaMA with q/k/v projection biases, `model.qkv_bias`).
+Every field that would change the computation and that lmjax does not implement raises
+`ConversionError` naming the field; nothing is approximated silently.
 
 Both config styles are read: transformers 4 (`rope_theta`, `rope_scaling`) and transformers 5
 (`rope_parameters` holding `rope_theta` and `rope_type`).
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import copy
 
-SUPPORTED_ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral'}
+SUPPORTED_ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral',
+                           'Qwen2ForCausalLM': 'qwen2'}
 _REJECTED_ARCHITECTURES = {
-    'Qwen2ForCausalLM': 'has q/k/v projection biases, which lmjax attention does not implement',
     'Qwen3ForCausalLM': 'has q/k RMS norms, which lmjax attention does not implement',
     'GemmaForCausalLM': 'uses GeLU, (1 + w) RMSNorm scales and scaled embeddings',
     'MixtralForCausalLM': 'is a mixture of experts',
@@ -84,7 +85,9 @@ def model_config_from_hf(hf: dict) -> dict:
   act = hf.get('hidden_act', hf.get('hidden_activation', 'silu'))
   if act not in ('silu', 'swish'):
     raise ConversionError(f'hidden_act: {act!r} is not supported (lmjax MLPs are SwiGLU: silu)')
-  for key in ('attention_bias', 'mlp_bias'):
+  qkv_bias = arch == 'Qwen2ForCausalLM'  # always q/k/v biases, never o/MLP ones
+  # (transformers' Qwen2 ignores `attention_bias`: its q/k/v projections always have biases)
+  for key in ('mlp_bias',) if qkv_bias else ('attention_bias', 'mlp_bias'):
     if hf.get(key):
       raise ConversionError(f'{key}: projection biases are not supported')
   if hf.get('quantization_config'):
@@ -99,6 +102,11 @@ def model_config_from_hf(hf: dict) -> dict:
   head_dim = int(hf.get('head_dim') or d_model // num_heads)
 
   sliding_window = 0
+  if arch == 'Qwen2ForCausalLM' and hf.get('use_sliding_window'):
+    # Qwen2 slides only the layers from `max_window_layers` on (per `layer_types`); lmjax
+    # slides all or none, and this is not checked to match transformers exactly.
+    raise ConversionError('use_sliding_window: Qwen2 sliding-window attention is not supported '
+                          '(only use_sliding_window=false)')
   if arch == 'MistralForCausalLM' and hf.get('sliding_window'):
     sliding_window = int(hf['sliding_window'])
   elif hf.get('sliding_window') and hf.get('use_sliding_window', True):
@@ -123,6 +131,7 @@ def model_config_from_hf(hf: dict) -> dict:
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       sliding_window=sliding_window,
+      qkv_bias=qkv_bias,
       **rope_scaling,
   )
 
@@ -135,11 +144,19 @@ def hf_config_from_model(model, dtype: str, base: dict | None = None,
   architecture fields are always rewritten from `model`.
   """
   head_dim = model.head_dim or model.d_model // model.num_heads
-  arch = 'MistralForCausalLM' if model.sliding_window else 'LlamaForCausalLM'
+  qkv_bias = bool(model.get('qkv_bias', False))
+  if qkv_bias and model.sliding_window:
+    raise ConversionError('model.sliding_window: a sliding window with model.qkv_bias has no exact '
+                          'HF equivalent (Qwen2 with use_sliding_window is not supported)')
+  if qkv_bias:
+    arch = 'Qwen2ForCausalLM'
+  else:
+    arch = 'MistralForCausalLM' if model.sliding_window else 'LlamaForCausalLM'
   hf = copy.deepcopy(base) if base else {}
   dtype_key = 'dtype' if 'dtype' in hf else 'torch_dtype'  # transformers 5 / 4 spelling
   for key in ('rope_scaling', 'sliding_window', 'layer_types', 'torch_dtype', 'dtype',
-              'quantization_config'):
+              'quantization_config', 'use_sliding_window', 'max_window_layers', 'attention_bias',
+              'mlp_bias'):
     hf.pop(key, None)
   hf.update(
       architectures=[arch],
@@ -155,9 +172,11 @@ def hf_config_from_model(model, dtype: str, base: dict | None = None,
       max_position_embeddings=model.max_seq_len,
       rms_norm_eps=model.norm_eps,
       tie_word_embeddings=bool(model.tie_embeddings),
-      attention_bias=False,
-      mlp_bias=False,
   )
+  if qkv_bias:  # Qwen2: q/k/v biases are implied; no attention_bias / mlp_bias fields
+    hf['use_sliding_window'] = False
+  else:
+    hf.update(attention_bias=False, mlp_bias=False)
   if model.sliding_window:
     hf['sliding_window'] = model.sliding_window
   scaling = None

@@ -54,25 +54,37 @@ def xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS):
 
 
 def attention(q_BLHD, k_BSKD, v_BSKD, *, segment_ids_BL, positions_BL, kv_segment_ids_BS=None,
-              kv_positions_BS=None, causal=True, sliding_window=0, impl='xla'):
+              kv_positions_BS=None, causal=True, sliding_window=0, impl='xla', prefix_k_BPKD=None,
+              prefix_v_BPKD=None):
   """Dispatches to `impl`.
 
   Without `kv_segment_ids_BS`/`kv_positions_BS` the keys are the queries' own tokens (training,
   scoring): fused kernels may run. Against a KV cache (decoding) the `xla` path always runs: one
   query per step is memory-bound and gains nothing from tiling.
+
+  `prefix_k_BPKD`/`prefix_v_BPKD` (PEFT prefixes, see `lmjax.peft.hooks`) are extra keys in front
+  of the others, visible to every query that is not padding (segment id > 0) whatever its segment
+  or position, so each packed document sees the whole prefix; the `xla` path runs.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention: unknown implementation {impl!r}')
   if kv_segment_ids_BS is None:
-    if impl == 'pallas':
+    if impl == 'pallas' and prefix_k_BPKD is None:
       from lmjax.kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top
       return flash_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal=causal,
                              sliding_window=sliding_window)
-    if impl == 'cudnn':
+    if impl == 'cudnn' and prefix_k_BPKD is None:
       return _cudnn_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window)
     kv_segment_ids_BS, kv_positions_BS = segment_ids_BL, positions_BL
   mask_BLS = attention_mask(segment_ids_BL, kv_segment_ids_BS, positions_BL, kv_positions_BS,
                             causal=causal, sliding_window=sliding_window)
+  if prefix_k_BPKD is not None:
+    batch, q_len = segment_ids_BL.shape
+    num_prefix = prefix_k_BPKD.shape[1]
+    prefix_BLP = jnp.broadcast_to((segment_ids_BL > 0)[:, :, None], (batch, q_len, num_prefix))
+    mask_BLS = jnp.concatenate([prefix_BLP, mask_BLS], axis=-1)
+    k_BSKD = jnp.concatenate([prefix_k_BPKD.astype(k_BSKD.dtype), k_BSKD], axis=1)
+    v_BSKD = jnp.concatenate([prefix_v_BPKD.astype(v_BSKD.dtype), v_BSKD], axis=1)
   return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS)
 
 

@@ -7,6 +7,18 @@ T = B * L flattened tokens, D d_model, H heads, K kv heads, Dh head dim, F mlp d
 `(logits_BLV, cache)`. With `cache=None` it is a plain forward pass; with a cache from
 `init_cache` the new tokens' keys and values are written at `cache['index']` and the queries attend
 everything cached so far (prefill and decode use the same path).
+
+`peft` (default None: the plain model) carries the leaves of the PEFT methods that act inside the
+forward pass (built by `lmjax.peft.hooks.model_peft`); it never adds params to the model tree:
+  peft['layers']['adapter']  bottleneck adapters after attention and after the MLP, per layer:
+                             {'attn'|'mlp': {'down': (N, D, r), 'down_b': (N, r), 'up': (N, r, D),
+                             'up_b': (N, D)}} (N = num_layers)
+  peft['layers']['prefix']   prefix tuning: {'k', 'v': (N, P, K, Dh)} extra keys/values every
+                             non-padding query attends (see `attention.attention`)
+  peft['prompt']             prompt tuning / P-tuning: (P, D) virtual-token embeddings before the
+                             input. They attend only one another, so they run once through the
+                             layers (positions 0..P-1) and their keys/values become a per-layer
+                             prefix; the real tokens' positions move up by P.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   sliding_window: int = 0
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
   attention: str = 'xla'
   scan_layers: bool = False
   remat: str = 'none'
@@ -75,7 +88,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_TD, ctx, kv_cache):
+  def __call__(self, x_TD, ctx, kv_cache, prefix=None):
     cfg = self.cfg
     batch, length = ctx['positions'].shape
     d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -88,12 +101,24 @@ class Attention(nn.Module):
                             cfg.param_dtype)
     o_HdD = param_with_axes(self, 'o', (h, dh, d), ('heads', 'head_dim', 'embed'), out_std,
                             cfg.param_dtype)
+    if cfg.qkv_bias:  # created after the kernels, so those initialise as without biases
+      bias = lambda name, n, axes: self.param(
+          name, nn.with_logical_partitioning(nn.initializers.zeros, axes), (n, dh),
+          cfg.param_dtype)
+      q_bias_Hd = bias('q_bias', h, ('heads', 'head_dim'))
+      k_bias_Kd = bias('k_bias', k, ('kv_heads', 'head_dim'))
+      v_bias_Kd = bias('v_bias', k, ('kv_heads', 'head_dim'))
     x_TD = x_TD.astype(cfg.dtype)
     project = lambda w, n: (x_TD @ w.reshape(d, n * dh).astype(cfg.dtype)).reshape(
         batch, length, n, dh)
-    q_BLHD = constrain(project(q_DHd, h), ('act_batch', 'act_len', 'act_heads', None))
-    k_BLKD = constrain(project(k_DKd, k), ('act_batch', 'act_len', 'act_kv_heads', None))
-    v_BLKD = constrain(project(v_DKd, k), ('act_batch', 'act_len', 'act_kv_heads', None))
+    q_BLHD, k_BLKD, v_BLKD = project(q_DHd, h), project(k_DKd, k), project(v_DKd, k)
+    if cfg.qkv_bias:
+      q_BLHD = q_BLHD + q_bias_Hd.astype(cfg.dtype)
+      k_BLKD = k_BLKD + k_bias_Kd.astype(cfg.dtype)
+      v_BLKD = v_BLKD + v_bias_Kd.astype(cfg.dtype)
+    q_BLHD = constrain(q_BLHD, ('act_batch', 'act_len', 'act_heads', None))
+    k_BLKD = constrain(k_BLKD, ('act_batch', 'act_len', 'act_kv_heads', None))
+    v_BLKD = constrain(v_BLKD, ('act_batch', 'act_len', 'act_kv_heads', None))
     scaling = None if cfg.rope_scaling == 'none' else (
         cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
         cfg.rope_high_freq_factor, cfg.rope_original_max_len)
@@ -111,6 +136,10 @@ class Attention(nn.Module):
       k_BLKD, v_BLKD = k_BSKD.astype(cfg.dtype), v_BSKD.astype(cfg.dtype)
       kv_mask_args = dict(kv_segment_ids_BS=ctx['kv_segment_ids'],
                           kv_positions_BS=ctx['kv_positions'])
+    if prefix is not None:  # PEFT prefix keys/values: (P, K, Dh) or (B, P, K, Dh)
+      kv_mask_args.update(
+          prefix_k_BPKD=jnp.broadcast_to(prefix['k'], (batch,) + prefix['k'].shape[-3:]),
+          prefix_v_BPKD=jnp.broadcast_to(prefix['v'], (batch,) + prefix['v'].shape[-3:]))
     out_BLHD = attention_lib.attention(
         q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=ctx['segment_ids'], positions_BL=ctx['positions'],
         causal=True, sliding_window=cfg.sliding_window, impl=cfg.attention, **kv_mask_args)
@@ -118,19 +147,35 @@ class Attention(nn.Module):
     return out_TD, kv_cache
 
 
+def bottleneck_adapter(h_TD, w):
+  """h + up(gelu(down(h))): a bottleneck adapter on a sublayer's output (exactly h when `up` and
+  `up_b` are zero)."""
+  dtype = h_TD.dtype
+  z_TR = jax.nn.gelu(h_TD @ w['down'].astype(dtype) + w['down_b'].astype(dtype))
+  return h_TD + (z_TR @ w['up'].astype(dtype) + w['up_b'].astype(dtype))
+
+
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_TD, kv_cache, ctx):
+  def __call__(self, x_TD, kv_cache, ctx, layer_peft=None):
     cfg = self.cfg
+    layer_peft = layer_peft or {}
+    adapter = layer_peft.get('adapter')
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-    attn_TD, kv_cache = Attention(cfg, name='attn')(norm('attn_norm')(x_TD), ctx, kv_cache)
+    attn_TD, kv_cache = Attention(cfg, name='attn')(norm('attn_norm')(x_TD), ctx, kv_cache,
+                                                    layer_peft.get('prefix'))
+    if adapter is not None:
+      attn_TD = bottleneck_adapter(attn_TD, adapter['attn'])
     x_TD = constrain(x_TD + attn_TD, ('act_tokens', 'act_embed'))
     mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.init_std, cfg.init_std / (2 * cfg.num_layers)**0.5,
               cfg.dtype, cfg.param_dtype, name='mlp')
-    x_TD = constrain(x_TD + mlp(norm('mlp_norm')(x_TD)), ('act_tokens', 'act_embed'))
+    mlp_TD = mlp(norm('mlp_norm')(x_TD))
+    if adapter is not None:
+      mlp_TD = bottleneck_adapter(mlp_TD, adapter['mlp'])
+    x_TD = constrain(x_TD + mlp_TD, ('act_tokens', 'act_embed'))
     return x_TD, kv_cache
 
 
@@ -138,13 +183,41 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None, return_hidden=False):
+  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None, return_hidden=False,
+               peft=None):
     cfg = self.cfg
     batch, length = tokens_BL.shape
     embed_VD = param_with_axes(self, 'embed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
                                cfg.init_std, cfg.param_dtype)
     x_TD = jnp.take(embed_VD, tokens_BL.reshape(-1), axis=0).astype(cfg.dtype)
     x_TD = constrain(x_TD, ('act_tokens', 'act_embed'))
+
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(0, nn.broadcast, 0), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
+      run_layers = stack
+    else:
+      blocks = [block(cfg, name=f'layers_{i}') for i in range(cfg.num_layers)]
+
+      def run_layers(x_TD, layer_caches, ctx, layer_peft):
+        new_caches = []
+        for i, layer in enumerate(blocks):
+          pick = lambda tree, i=i: None if tree is None else jax.tree.map(lambda c: c[i], tree)
+          x_TD, layer_cache = layer(x_TD, pick(layer_caches), ctx, pick(layer_peft))
+          new_caches.append(layer_cache)
+        if layer_caches is not None:
+          layer_caches = jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
+        return x_TD, layer_caches
+
+    layer_peft = None if peft is None else peft.get('layers')
+    if peft is not None and peft.get('prompt') is not None:
+      layer_peft = dict(layer_peft or {}, prefix=self._prompt_prefix(run_layers, peft['prompt'],
+                                                                      batch))
+      positions_BL = positions_BL + peft['prompt'].shape[0]
 
     ctx = {'positions': positions_BL, 'segment_ids': segment_ids_BL}
     layer_caches = None
@@ -157,22 +230,7 @@ class Transformer(nn.Module):
                                                          (0, index))
       layer_caches = {'k': cache['k'], 'v': cache['v']}
 
-    block = Block
-    if cfg.remat != 'none':
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_TD, layer_caches = stack(cfg, name='layers')(x_TD, layer_caches, ctx)
-    else:
-      new_caches = []
-      for i in range(cfg.num_layers):
-        layer_cache = None if layer_caches is None else jax.tree.map(lambda c: c[i], layer_caches)
-        x_TD, layer_cache = block(cfg, name=f'layers_{i}')(x_TD, layer_cache, ctx)
-        new_caches.append(layer_cache)
-      if layer_caches is not None:
-        layer_caches = jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
+    x_TD, layer_caches = run_layers(x_TD, layer_caches, ctx, layer_peft)
 
     x_TD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x_TD)
     if cfg.tie_embeddings:
@@ -190,6 +248,22 @@ class Transformer(nn.Module):
     new_cache = dict(layer_caches, segment_ids=ctx['kv_segment_ids'],
                      positions=ctx['kv_positions'], index=cache['index'] + length)
     return logits_BLV, new_cache
+
+  def _prompt_prefix(self, run_layers, prompt_PD, batch):
+    """Per-layer keys/values {'k', 'v': (N, B, P, K, Dh)} of virtual tokens at positions 0..P-1
+    (causal among themselves), computed by one pass through the layers."""
+    cfg = self.cfg
+    num = prompt_PD.shape[0]
+    positions_BP = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32), (batch, num))
+    segments_BP = jnp.ones((batch, num), jnp.int32)
+    ctx = {'positions': positions_BP, 'segment_ids': segments_BP, 'cache_index': 0,
+           'kv_segment_ids': segments_BP, 'kv_positions': positions_BP}
+    shape = (cfg.num_layers, batch, num, cfg.num_kv_heads, cfg.head_dim)
+    caches = {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
+    x_TD = jnp.broadcast_to(prompt_PD.astype(cfg.dtype), (batch, num, cfg.d_model))
+    x_TD = constrain(x_TD.reshape(batch * num, cfg.d_model), ('act_tokens', 'act_embed'))
+    _, caches = run_layers(x_TD, caches, ctx, None)
+    return caches
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
@@ -212,13 +286,17 @@ def init_params(cfg: ModelConfig, rng, batch: int = 1, length: int = 8):
   return Transformer(cfg).init(rng, tokens, positions, jnp.ones_like(tokens))['params']
 
 
-def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, cache=None):
-  """Pure forward pass on plain (unboxed) params: (logits_BLV float32, new cache or None)."""
-  return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, cache)
+def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, cache=None,
+            peft=None):
+  """Pure forward pass on plain (unboxed) params: (logits_BLV float32, new cache or None).
+  `peft`: the in-model PEFT leaves (see the module docstring), None for the plain model."""
+  return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, cache,
+                                peft=peft)
 
 
-def forward_hidden(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL):
+def forward_hidden(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, peft=None):
   """(logits_BLV float32, final-norm hidden states hidden_BLD) without a cache."""
   (logits_BLV, hidden_BLD), _ = Transformer(cfg).apply(
-      {'params': params}, tokens_BL, positions_BL, segment_ids_BL, None, return_hidden=True)
+      {'params': params}, tokens_BL, positions_BL, segment_ids_BL, None, return_hidden=True,
+      peft=peft)
   return logits_BLV, hidden_BLD

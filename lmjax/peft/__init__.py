@@ -1,7 +1,10 @@
-"""Parameter-efficient fine-tuning as pytree transforms (see `lora`)."""
+"""Parameter-efficient fine-tuning: weight-delta methods as pytree transforms (see `lora`) and
+in-model methods (bottleneck adapters, prefix/prompt/P-tuning) through the model's `peft` hook
+(see `hooks`)."""
 
-from lmjax.peft.lora import (METHODS, PeftConfig, effective_params, init_adapters, merge,
-                             lora_b_mask, target_paths, unmerge)
+from lmjax.peft import hooks
+from lmjax.peft.lora import (LOW_RANK_METHODS, METHODS, PeftConfig, effective_params,
+                             init_adapters, merge, lora_b_mask, target_paths, unmerge)
 
-__all__ = ['METHODS', 'PeftConfig', 'effective_params', 'init_adapters', 'merge',
-           'lora_b_mask', 'target_paths', 'unmerge']
+__all__ = ['LOW_RANK_METHODS', 'METHODS', 'PeftConfig', 'effective_params', 'hooks',
+           'init_adapters', 'merge', 'lora_b_mask', 'target_paths', 'unmerge']

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-METHODS = ('none', 'lora', 'dora', 'vera', 'lora_fa')
+LOW_RANK_METHODS = ('lora', 'dora', 'vera', 'lora_fa')
+# 'bottleneck', 'prefix', 'prompt', 'p_tuning' act inside the forward pass: `lmjax.peft.hooks`
+METHODS = ('none',) + LOW_RANK_METHODS + ('bottleneck', 'prefix', 'prompt', 'p_tuning')
 # leaf name -> number of input dims after the lead dims
 _IN_DIMS = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'lm_head': 1}
 TARGET_ALIASES = {
@@ -48,6 +50,9 @@ class PeftConfig:
   freeze_patterns: str = ''  # full fine-tuning: regex of base leaves kept frozen (e.g. 'embed')
   base_dtype: str = 'float32'  # dtype of the frozen base: float32 | bfloat16
   seed: int = 0  # VeRA's shared random projections
+  num_virtual_tokens: int = 8  # prefix / prompt / p_tuning: P virtual tokens (prefix length)
+  adapter_dim: int = 16  # bottleneck adapters: r
+  encoder_dim: int = 0  # p_tuning: hidden size of the prompt encoder MLP (0: d_model)
 
   @classmethod
   def from_config(cls, peft_config) -> 'PeftConfig':
@@ -56,6 +61,11 @@ class PeftConfig:
   @property
   def enabled(self) -> bool:
     return self.method != 'none'
+
+  @property
+  def low_rank(self) -> bool:
+    """A weight-delta method (`effective_params`, `merge`); False for the in-model ones."""
+    return self.method in LOW_RANK_METHODS
 
   @property
   def scale(self) -> float:
@@ -162,7 +172,7 @@ def effective_params(cfg: PeftConfig, base, adapters, rng=None, stacked: bool = 
   `rng` (training only) turns on LoRA dropout. Adapted weights come out in `compute_dtype`
   (default: the base weight's dtype, float32 for a bfloat16 base).
   """
-  if not cfg.enabled or not adapters:
+  if not cfg.low_rank or not adapters:
     return base
   flat = dict(traverse_util.flatten_dict(base))
   for i, (path, leaves) in enumerate(sorted(_grouped(adapters).items())):
@@ -175,6 +185,9 @@ def effective_params(cfg: PeftConfig, base, adapters, rng=None, stacked: bool = 
 
 def merge(cfg: PeftConfig, base, adapters, stacked: bool = False):
   """Base weights with the adapters folded in (the base dtype is kept)."""
+  if cfg.enabled and not cfg.low_rank:
+    from lmjax.peft import hooks  # pylint: disable=g-import-not-at-top
+    raise hooks.merge_error(cfg.method)
   merged = effective_params(cfg, base, adapters, stacked=stacked)
   return jax.tree.map(lambda m, b: m.astype(b.dtype), merged, base)
 
@@ -184,6 +197,9 @@ def unmerge(cfg: PeftConfig, merged, adapters, stacked: bool = False):
   without the base norm, so it raises)."""
   if cfg.method == 'dora':
     raise ValueError('unmerge: DoRA rescales columns by the base norm; keep the base instead')
+  if cfg.enabled and not cfg.low_rank:
+    from lmjax.peft import hooks  # pylint: disable=g-import-not-at-top
+    raise hooks.merge_error(cfg.method)
   if not cfg.enabled or not adapters:
     return merged
   flat = dict(traverse_util.flatten_dict(merged))

@@ -4,7 +4,9 @@ A post-training state holds `params = {'trainable': {...}, 'frozen': {...}}`; on
 is differentiated and has optimizer state.
   trainable['model']     base leaves that train (all of them in full fine-tuning, minus
                          `peft.freeze_patterns`; only `peft.train_patterns` with adapters)
-  trainable['adapters']  LoRA / DoRA / VeRA leaves (see `lmjax.peft.lora`)
+  trainable['adapters']  LoRA / DoRA / VeRA leaves (see `lmjax.peft.lora`), or the leaves of an
+                         in-model method (bottleneck / prefix / prompt / p_tuning, see
+                         `lmjax.peft.hooks`; the forward pass gets them via `model_peft`)
   trainable['head']      reward model: scalar head {'w': (D,), 'b': ()}
   trainable['value']     PPO: value head {'w': (D,), 'b': ()}
   frozen['model']        the other base leaves (held in `peft.base_dtype`)
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lmjax.models.transformer import ModelConfig, init_params
-from lmjax.peft import lora
+from lmjax.peft import hooks, lora
 
 TASKS = ('pretrain', 'sft', 'reward', 'dpo', 'ppo')
 
@@ -118,7 +120,9 @@ def build_params(task: Task, model_params, rng):
     trainable['model'] = trainable_model
   if frozen_model:
     frozen['model'] = frozen_model
-  if task.peft.enabled:
+  if hooks.is_hook_method(task.peft.method):
+    trainable['adapters'] = hooks.init_leaves(task.peft, task.model, plain, rng)
+  elif task.peft.enabled:
     adapters = lora.init_adapters(task.peft, plain, rng, task.model.scan_layers)
     if task.peft.method == 'lora_fa':  # A stays frozen: no gradient, no optimizer state
       flat = traverse_util.flatten_dict(adapters)
@@ -147,12 +151,21 @@ def adapters_of(params) -> dict:
 
 
 def model_params(task: Task, params, rng=None, adapters: bool = True):
-  """The plain params tree the Transformer reads (adapters applied unless `adapters=False`)."""
+  """The plain params tree the Transformer reads (adapters applied unless `adapters=False`).
+  In-model methods leave it as the base: pass `model_peft(task, params)` to the forward pass."""
   base = _deep_merge(params['frozen'].get('model', {}), params['trainable'].get('model', {}))
-  if adapters and task.peft.enabled:
+  if adapters and task.peft.low_rank:
     return lora.effective_params(task.peft, base, adapters_of(params), rng,
                                  task.model.scan_layers)
   return base
+
+
+def model_peft(task: Task, params):
+  """The `peft` argument of `forward` (in-model methods: bottleneck, prefix, prompt, p_tuning);
+  None for the other methods, whose adapters `model_params` already applies."""
+  if not hooks.is_hook_method(task.peft.method):
+    return None
+  return hooks.model_peft(task.peft, adapters_of(params))
 
 
 def reference_params(task: Task, params):
@@ -163,9 +176,12 @@ def reference_params(task: Task, params):
 
 
 def merged_model_params(task: Task | None, params):
-  """Base params with adapters folded in, in the base's storage dtype (for export)."""
+  """Base params with adapters folded in, in the base's storage dtype (for export).
+  Raises ValueError for in-model methods (bottleneck / prefix / prompt / p_tuning)."""
   if task is None:
     return params
+  if hooks.is_hook_method(task.peft.method):
+    raise hooks.merge_error(task.peft.method)
   base = model_params(task, params, adapters=False)
   if not task.peft.enabled:
     return base

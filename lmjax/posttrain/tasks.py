@@ -62,14 +62,15 @@ def _pair_rows(batch):
   return {k: jnp.concatenate([batch[f'chosen_{k}'], batch[f'rejected_{k}']]) for k in _ROW_KEYS}
 
 
-def _run(task: Task, model, rows):
-  return forward(task.model, model, rows['inputs'], rows['positions'], rows['segment_ids'])[0]
+def _run(task: Task, model, rows, peft=None):
+  return forward(task.model, model, rows['inputs'], rows['positions'], rows['segment_ids'],
+                 peft=peft)[0]
 
 
 def reward_scores(task: Task, params, rows, rng=None):
   model = params_lib.model_params(task, params, rng)
   _, hidden_BLD = forward_hidden(task.model, model, rows['inputs'], rows['positions'],
-                                 rows['segment_ids'])
+                                 rows['segment_ids'], peft=params_lib.model_peft(task, params))
   return score_last_token(hidden_BLD, rows['segment_ids'], params['trainable']['head'])
 
 
@@ -81,7 +82,8 @@ def _sums(loss, metrics, n):
 
 
 def sft_sums(task: Task, params, batch, rng=None):
-  logits_BLV = _run(task, params_lib.model_params(task, params, rng), batch)
+  logits_BLV = _run(task, params_lib.model_params(task, params, rng), batch,
+                    params_lib.model_peft(task, params))
   return losses.cross_entropy(logits_BLV, batch['targets'], batch['weights'])
 
 
@@ -97,7 +99,8 @@ def preference_sums(task: Task, params, batch, rng=None):
   post = task.post
   n = batch['chosen_inputs'].shape[0]
   rows = _pair_rows(batch)
-  logits = _run(task, params_lib.model_params(task, params, rng), rows)
+  logits = _run(task, params_lib.model_params(task, params, rng), rows,
+                params_lib.model_peft(task, params))
   if post.loss_type == 'orpo':
     avg = losses.sequence_log_probs(logits, rows['targets'], rows['weights'], average=True)
     loss, metrics = losses.orpo_loss(avg[:n], avg[n:], -avg[:n], post.beta)

@@ -19,6 +19,8 @@ def param_counts(model_config) -> dict[str, int]:
   """Parameter counts: `total`, `embedding` (token embedding and untied LM head), `non_embedding`."""
   d, h, k, dh, f, v = _dims(model_config)
   per_layer = d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f + 2 * d
+  if getattr(model_config, 'qkv_bias', False):  # q/k/v projection biases (Qwen2)
+    per_layer += h * dh + 2 * k * dh
   non_embedding = model_config.num_layers * per_layer + d  # + final norm
   embedding = v * d * (1 if model_config.tie_embeddings else 2)
   return {'total': embedding + non_embedding, 'embedding': embedding,
