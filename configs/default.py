@@ -6,15 +6,15 @@ from lmjax.config import base_config
 
 def get_config():
   c = base_config()
-  c.steps = 500
+  c.steps = 700
   c.batch_size = 16
   c.seq_len = 256
   c.log_every = 20
-  c.eval_every = 250
+  c.eval_every = 350
   c.eval_batches = 8
-  c.checkpoint_every = 250
+  c.checkpoint_every = 350
   c.data.eval_fraction = 0.05
-  c.model.vocab_size = 4096
+  c.model.vocab_size = 2048
   c.model.num_layers = 4
   c.model.d_model = 256
   c.model.num_heads = 4

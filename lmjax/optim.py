@@ -36,7 +36,8 @@ def weight_decay_mask(params, decay_embeddings: bool):
   flat = traverse_util.flatten_dict(params)
 
   def decays(path, leaf):
-    if path[-1] == 'scale' or leaf.ndim < 2:  # norm scales (stacked ones are 2-D under scan)
+    if path[-1] == 'scale' or path[-1].endswith('_bias') or leaf.ndim < 2:  # norms (2-D when
+      # stacked under scan) and biases
       return False
     if path[-1] in ('embed', 'lm_head'):
       return decay_embeddings

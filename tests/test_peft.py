@@ -302,8 +302,12 @@ def test_gradients_reach_only_the_method_leaves(method):
   np.testing.assert_array_equal(
       plain, forward(CFG, params_lib.reference_params(task, params), batch['inputs'],
                      batch['positions'], batch['segment_ids'])[0])
-  if method == 'p_tuning':  # a non-zero second layer, so the first one gets a gradient too
-    params['trainable']['adapters']['w2'] += 0.05
+  adapters = params['trainable']['adapters']
+  if method == 'p_tuning':  # non-zero second layers, so the first ones get a gradient too
+    adapters['w2'] += 0.05
+  if method == 'bottleneck':
+    for name in ('attn', 'mlp'):
+      adapters[name]['up'] += 0.05
   loss = lambda trainable: tasks_lib.loss_sums(
       task, {'trainable': trainable, 'frozen': params['frozen']}, batch)['loss']
   grads = jax.grad(loss)(params['trainable'])
