@@ -359,3 +359,23 @@ def test_hook_method_save_and_merge_refusal(tmp_path):
   args = SimpleNamespace(action='merge', workdir=str(workdir), output=str(tmp_path / 'merged'))
   assert peft_command.run(args) == 2
   assert not (tmp_path / 'merged').exists()
+
+
+@pytest.mark.parametrize('method', ['bottleneck', 'prefix', 'prompt'])
+def test_hook_methods_decode_with_a_cache_from_params_peft(method):
+  """A trained run loaded for sampling: the base with a `peft` entry (load_model_params); prefill
+  then one decode step match the full forward pass."""
+  from lmjax.models.transformer import init_cache  # pylint: disable=g-import-not-at-top
+  base = _base()
+  peft_cfg = _hook_cfg(method)
+  peft = hooks.model_peft(peft_cfg, _perturb(hooks.init_leaves(peft_cfg, CFG, base,
+                                                                 jax.random.key(6))))
+  tokens, positions, segments = _inputs(length=6)
+  want = forward(CFG, base, tokens, positions, segments, peft=peft)[0]
+  loaded = dict(base, peft=peft)
+  np.testing.assert_allclose(forward(CFG, loaded, tokens, positions, segments)[0], want,
+                             atol=1e-6)
+  cache = init_cache(CFG, 2, 8)
+  first, cache = forward(CFG, loaded, tokens[:, :5], positions[:, :5], segments[:, :5], cache)
+  last, _ = forward(CFG, loaded, tokens[:, 5:], positions[:, 5:], segments[:, 5:], cache)
+  np.testing.assert_allclose(jnp.concatenate([first, last], axis=1), want, atol=1e-5)

@@ -19,6 +19,8 @@ forward pass (built by `lmjax.peft.hooks.model_peft`); it never adds params to t
                              input. They attend only one another, so they run once through the
                              layers (positions 0..P-1) and their keys/values become a per-layer
                              prefix; the real tokens' positions move up by P.
+Without the argument, a `params['peft']` entry is read instead (a trained in-model PEFT run loaded
+for sampling / scoring: `lmjax.posttrain.params.load_model_params`); `init_params` never makes one.
 """
 
 from __future__ import annotations
@@ -213,6 +215,8 @@ class Transformer(nn.Module):
           layer_caches = jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
         return x_TD, layer_caches
 
+    if peft is None and self.has_variable('params', 'peft'):
+      peft = self.get_variable('params', 'peft')
     layer_peft = None if peft is None else peft.get('layers')
     if peft is not None and peft.get('prompt') is not None:
       layer_peft = dict(layer_peft or {}, prefix=self._prompt_prefix(run_layers, peft['prompt'],

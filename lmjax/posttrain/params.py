@@ -242,8 +242,12 @@ def load_post_params(workdir: str, config=None):
 
 
 def load_model_params(workdir: str, config=None):
-  """Plain (merged) model params from any lmjax workdir."""
+  """Plain (merged) model params from any lmjax workdir. An in-model PEFT run (bottleneck,
+  prefix, prompt, p_tuning) cannot merge: its base comes with a `peft` entry the Transformer
+  reads (for sampling, scoring, evaluation)."""
   task, params = load_post_params(workdir, config)
+  if task is not None and hooks.is_hook_method(task.peft.method):
+    return dict(model_params(task, params), peft=model_peft(task, params))
   return merged_model_params(task, params)
 
 
@@ -251,6 +255,10 @@ def init_from(task: Task, source: str, state, abstract_state=None):
   """`state` with the base model loaded from `source` (any workdir; adapters merged)."""
   del abstract_state
   loaded = load_model_params(source)
+  if 'peft' in loaded:
+    raise ValueError(f'init_from: {source} holds an in-model PEFT run (bottleneck / prefix / '
+                     'prompt / p_tuning) that cannot be merged into base weights; start from its '
+                     'base model instead')
   return state.replace(params=place_model(task, state.params, loaded))
 
 
