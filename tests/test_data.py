@@ -103,17 +103,24 @@ def test_train_rows_interleave_whole_documents_in_stream_order(corpus, tok):
   expected = [encode(refs[i]).tolist() for i in range(60)]
   batches = _take(make_train_iterator(config, tok), 6)
   rows = np.stack([_rows([b]) for b in batches], 1)  # (rows, batches, seq_len + 1)
-  seen, firsts = [], []
+  streams = []
   for row_stream in rows.reshape(config.batch_size, -1).tolist():
     starts = [i for i, t in enumerate(row_stream) if t == tok.bos_id]
     assert starts[0] == 0
-    pieces = [row_stream[i:j] for i, j in zip(starts, starts[1:] + [len(row_stream)])]
-    for k, piece in enumerate(pieces):
-      whole = k < len(pieces) - 1  # every piece but the open one is a whole document
-      index = next(i for i, doc in enumerate(expected) if i not in seen and
-                   (doc == piece if whole else doc[:len(piece)] == piece))
+    streams.append([row_stream[i:j] for i, j in zip(starts, starts[1:] + [len(row_stream)])])
+  # Every piece but each row's open (last) one is a whole document; match those first, then the
+  # open pieces by prefix among the documents left (documents may share their first tokens).
+  seen, firsts = [], []
+  for pieces in streams:
+    for k, piece in enumerate(pieces[:-1]):
+      index = next(i for i, doc in enumerate(expected) if i not in seen and doc == piece)
       seen.append(index)
       firsts += [index] if k == 0 else []
+  for pieces in streams:
+    piece = pieces[-1]
+    index = next(i for i, doc in enumerate(expected) if i not in seen and doc[:len(piece)] == piece)
+    seen.append(index)
+    firsts += [index] if len(pieces) == 1 else []
   assert sorted(seen) == list(range(len(seen)))  # the stream's prefix, each document once
   assert len(set(firsts)) == config.batch_size  # the first batch reads one document per row
 
@@ -202,6 +209,7 @@ def test_eval_batches_deterministic_and_capped(corpus, tok):
   assert len(batches) == 3 and batches[0]['inputs'].shape == (4, 32)
   _assert_batches_equal(batches, make_eval_batches(config, tok))
   small_config = _config(corpus, eval_fraction=0.0001)
+  small_config.eval_batches = 100
   held = sources.split_eval(load_sources(small_config.data)[0].docs, 0.0001)[1]
   assert len(held) == 1  # forced: 40 * 0.0001 < 1
   doc = pipeline.EncodeDocument(tok, 'text', skip_bad=False)(held[0])
