@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -58,8 +59,9 @@ def batches(config, count, seed=0):
   return out
 
 
-def run_steps(config, host_batches, devices, grads_only=False):
-  """Trains on `host_batches` under the config's mesh over `devices`: (losses, final state)."""
+def run_steps(config, host_batches, devices, grads_only=False, step_seconds=None):
+  """Trains on `host_batches` under the config's mesh over `devices`: (losses, final state);
+  appends each step's wall time after the first (compiling) one to `step_seconds` if given."""
   config_lib.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(config, devices)
   tx, schedule = make_optimizer(config.optimizer, config.steps)
@@ -77,9 +79,12 @@ def run_steps(config, host_batches, devices, grads_only=False):
                  in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)))
     losses = []
-    for batch in host_batches:
+    for i, batch in enumerate(host_batches):
+      start = time.perf_counter()
       state, metrics = fn(state, global_batch(batch, batch_sharding))
       losses.append(float(metrics['loss']))
+      if step_seconds is not None and i:
+        step_seconds.append(time.perf_counter() - start)
   return losses, state
 
 
@@ -196,10 +201,66 @@ def check_reshard():
   return {name: train_losses(os.path.join(root, name)) for name in ('full', 'resumed_tp')}
 
 
+# The issue's layouts: five steps each against one device.
+LAYOUTS = {
+    'data8': {'sharding': 'dp', 'mesh.data': 8},
+    'fsdp8': {'sharding': 'fsdp', 'mesh.data': 1, 'mesh.fsdp': 8},
+    'fsdp4_tensor2': {'sharding': 'fsdp_tp', 'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.tensor': 2},
+    'data2_fsdp2_tensor2': {'sharding': 'dp_fsdp_tp', 'mesh.data': 2, 'mesh.fsdp': 2,
+                            'mesh.tensor': 2},
+    'pipeline2_fsdp4': {'sharding': 'fsdp', 'mesh.data': 1, 'mesh.fsdp': 4, 'mesh.pipeline': 2,
+                        'pipeline_microbatches': 2},
+    'pipeline4_data2_m8': {'sharding': 'dp', 'mesh.data': 2, 'mesh.pipeline': 4,
+                           'pipeline_microbatches': 8},
+}
+
+
+def check_layouts():
+  """Losses, parameter error, step time and per-device state bytes of every layout."""
+  base = {'model.scan_layers': True, 'model.num_layers': 4, 'batch_size': 16, 'steps': 5}
+  host_batches = batches(small_config(**base), 5)
+  ref_losses, ref_state = run_steps(small_config(**base, **{'mesh.data': 1, 'sharding': 'dp'}),
+                                    host_batches, jax.devices()[:1])
+  results = {}
+  for name, overrides in LAYOUTS.items():
+    config = small_config(**base, **overrides)
+    seconds = []
+    losses, state = run_steps(config, host_batches, jax.devices(), step_seconds=seconds)
+    results[name] = {'losses': losses, 'ref_losses': ref_losses,
+                     'param_error': max_relative_error(state.params, ref_state.params),
+                     'seconds_per_step': float(np.median(seconds)),
+                     'state_bytes_per_device': _bytes_on_device_0(state),
+                     'state_bytes_total': _bytes_total(state)}
+  return results
+
+
+def _bytes_on_device_0(state):
+  device = jax.devices()[0]
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves((state.params, state.opt_state))
+             for shard in leaf.addressable_shards if shard.device == device)
+
+
+def _bytes_total(state):
+  return sum(leaf.nbytes for leaf in jax.tree.leaves((state.params, state.opt_state)))
+
+
+def check_fsdp_memory():
+  """Per-device bytes of params + optimizer state under fsdp=8, for a model whose replicated norm
+  scales are small next to its matrices (as in any real model)."""
+  config = small_config(**{'sharding': 'fsdp', 'mesh.data': 1, 'mesh.fsdp': 8,
+                           'model.d_model': 256, 'model.mlp_dim': 704})
+  mesh = mesh_lib.make_mesh(config, jax.devices())
+  tx, _ = make_optimizer(config.optimizer, config.steps)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.rules(config)[0])):
+    create, _ = build_state(config, mesh, tx)
+    state = create()
+  return {'per_device': _bytes_on_device_0(state), 'total': _bytes_total(state)}
+
+
 def main(argv):
   results = {}
   checks = {'presets': check_presets, 'pipeline': check_pipeline, 'accum': check_accum,
-            'reshard': check_reshard}
+            'reshard': check_reshard, 'layouts': check_layouts, 'fsdp_memory': check_fsdp_memory}
   for name in argv:
     results[name] = checks[name]()
   print(json.dumps(results))

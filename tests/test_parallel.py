@@ -59,10 +59,34 @@ def multi_device(workdir_root):
   """All 8-device checks in one subprocess (compiles dominate; one process saves start-up)."""
   proc = subprocess.run(
       [sys.executable, os.path.join(TESTS, 'parallel_worker.py'), 'presets', 'pipeline', 'accum',
-       'reshard'], env=_env(8, PARALLEL_WORKDIR=str(workdir_root)), capture_output=True,
+       'reshard', 'layouts', 'fsdp_memory'], env=_env(8, PARALLEL_WORKDIR=str(workdir_root)), capture_output=True,
       text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return _last_json(proc.stdout)
+
+
+@pytest.mark.parametrize('layout', ['data8', 'fsdp8', 'fsdp4_tensor2', 'data2_fsdp2_tensor2',
+                                    'pipeline2_fsdp4', 'pipeline4_data2_m8'])
+def test_layout_five_steps_equal_single_device(multi_device, layout):
+  result = multi_device['layouts'][layout]
+  np.testing.assert_allclose(result['losses'], result['ref_losses'], rtol=1e-5)
+  assert len(result['losses']) == 5 and result['param_error'] < 1e-4, result
+
+
+def test_fsdp8_holds_an_eighth_of_the_state_per_device(multi_device):
+  memory = multi_device['fsdp_memory']
+  assert memory['per_device'] <= 1.05 * memory['total'] / 8, memory
+
+
+def test_cli_runs_a_layout_from_config_alone(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'lmjax.cli', 'train', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
+       '--config.mesh.data=1', '--config.batch_size=8', '--config.steps=2',
+       '--config.optimizer.warmup_steps=1', '--config.eval_every=100', '--no_sample'],
+      env=_env(8), cwd=os.path.dirname(TESTS), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.load(open(tmp_path / 'summary.json', encoding='utf-8'))['step'] == 2
 
 
 @pytest.mark.parametrize('preset', sharding_lib.PRESETS)
