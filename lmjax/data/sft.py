@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lmjax.data import packing
+
 from lmjax.data.sources import DataError
 
 
@@ -79,14 +81,9 @@ def encode_sft(tok, record: dict) -> tuple[list[int], list[int]]:
 def rows_to_batch(tokens, segment_ids, positions, mask) -> dict[str, np.ndarray]:
   """(rows, seq_len + 1) arrays -> the shifted batch; weight = mask of the target token, only
   inside one segment."""
-  seg_in, seg_out = segment_ids[:, :-1], segment_ids[:, 1:]
-  return {
-      'inputs': tokens[:, :-1].astype(np.int32),
-      'targets': tokens[:, 1:].astype(np.int32),
-      'segment_ids': seg_in.astype(np.int32),
-      'positions': positions[:, :-1].astype(np.int32),
-      'weights': ((seg_in == seg_out) & (seg_in > 0) & (mask[:, 1:] > 0)).astype(np.float32),
-  }
+  batch = packing.shift_rows(tokens, segment_ids, positions)
+  batch['weights'] *= (mask[:, 1:] > 0)
+  return batch
 
 
 def pack_examples(examples, start: int, rows: int, row_len: int, pack: bool):
