@@ -171,6 +171,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def llama_preset(*, num_layers: int, d_model: int, num_heads: int, num_kv_heads: int,
+                 mlp_dim: int, seq_len: int, batch_size: int, learning_rate: float,
+                 large: bool) -> ml_collections.ConfigDict:
+  """A LLaMA-shaped pretraining preset (32k vocabulary, 100k steps, 2k warmup). `large` models
+  scan their layers and remat them fully; smaller ones unroll and save only the dots."""
+  c = base_config()
+  c.steps, c.batch_size, c.seq_len = 100_000, batch_size, seq_len
+  c.log_every, c.eval_every, c.checkpoint_every = 50, 1000, 1000
+  m = c.model
+  m.vocab_size, m.num_layers, m.d_model = 32000, num_layers, d_model
+  m.num_heads, m.num_kv_heads, m.mlp_dim = num_heads, num_kv_heads, mlp_dim
+  m.max_seq_len = max(seq_len, 2048)
+  m.scan_layers, m.remat = large, 'full' if large else 'dots_saveable'
+  c.optimizer.learning_rate, c.optimizer.warmup_steps = learning_rate, 2000
+  return c
+
+
 _CHOICES = {
     'model.attention': ('xla', 'pallas', 'cudnn'),
     'model.remat': ('none', 'full', 'dots', 'dots_saveable', 'minimal'),

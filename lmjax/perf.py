@@ -24,7 +24,9 @@ _ACCELERATOR_PEAKS = (
 
 
 def cache_dir() -> str:
-  return os.environ.get('LMJAX_CACHE_DIR', os.path.join(os.path.expanduser('~'), '.cache', 'lmjax'))
+  """lmjax's cache (tokenizers, the CPU peak): $LMJAX_CACHE_DIR, else ~/.cache/lmjax."""
+  return os.environ.get('LMJAX_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                           'lmjax')
 
 
 def peak_flops_per_device() -> float:

@@ -19,6 +19,7 @@ import time
 
 import sentencepiece as spm
 
+from lmjax import perf
 from lmjax.data import sources as sources_lib
 
 _log = logging.getLogger(__name__)
@@ -110,9 +111,7 @@ class Tokenizer:
 
 
 def cache_dir() -> str:
-  root = os.environ.get('LMJAX_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache',
-                                                           'lmjax')
-  return os.path.join(root, 'tokenizers')
+  return os.path.join(perf.cache_dir(), 'tokenizers')
 
 
 def _text_chunks(text: str):
