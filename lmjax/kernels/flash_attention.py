@@ -302,9 +302,7 @@ def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
   ]
   args = [q, k, v]
   if cfg.has_segments:
-    in_specs += [pl.BlockSpec((_S, bq, 1), lambda b, h, i: (b, i, 0)),
-                 pl.BlockSpec((_S, 1, cfg.kv_len_pad),
-                              lambda b, h, i: (b, 0, 0))]
+    in_specs += _segment_specs(cfg, bq)
     args += [q_seg, kv_seg]
   out_specs = [spec(bq, None, lambda b, h, i: (b, i, h)),
                pl.BlockSpec((_S, _S, bq, 1), lambda b, h, i: (b, h, i, 0))]
@@ -319,6 +317,13 @@ def _fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
       name="flash_attention_fwd",
   )(*args)
   return o, lse
+
+
+def _segment_specs(cfg: _Config, block_q: int):
+  """Segment-id BlockSpecs for a (batch, head, query block) grid: this query block's ids and
+  every key's."""
+  return [pl.BlockSpec((_S, block_q, 1), lambda b, h, i: (b, i, 0)),
+          pl.BlockSpec((_S, 1, cfg.kv_len_pad), lambda b, h, i: (b, 0, 0))]
 
 
 def _heads(x, cfg: _Config) -> int:
@@ -336,9 +341,7 @@ def _bwd_dq(cfg: _Config, q, k, v, q_seg, kv_seg, do, lse, delta):
   in_specs = [q_spec, kv_spec, kv_spec]
   args = [q, k, v]
   if cfg.has_segments:
-    in_specs += [pl.BlockSpec((_S, bq, 1), lambda b, h, i: (b, i, 0)),
-                 pl.BlockSpec((_S, 1, cfg.kv_len_pad),
-                              lambda b, h, i: (b, 0, 0))]
+    in_specs += _segment_specs(cfg, bq)
     args += [q_seg, kv_seg]
   in_specs += [q_spec, row_spec, row_spec]
   args += [do, lse, delta]
