@@ -130,10 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.post = ml_collections.ConfigDict()  # post-training tasks (lmjax.posttrain)
   q = c.post
   q.train_file = ''  # JSONL: prompt/response or messages (sft); prompt/chosen/rejected (reward, dpo)
+  # or, for dpo with loss_type=kto, unpaired prompt/completion/label (label true = desirable)
   q.pack = True  # sft: pack several examples per row
   q.beta = 0.1  # dpo/ipo/hinge/kto temperature; orpo: weight of the odds-ratio term
   q.loss_type = 'sigmoid'  # dpo: sigmoid | ipo | hinge | orpo | kto
   q.label_smoothing = 0.0  # dpo sigmoid: conservative DPO
+  q.chosen_nll_coef = 0.0  # dpo/ipo/hinge: + coef x per-token NLL of chosen responses (RPO alpha)
   q.margin = 0.0  # reward: Bradley-Terry margin
   q.center_coef = 0.0  # reward: coefficient of (r_chosen + r_rejected)^2
   q.kto_desirable_weight = 1.0
@@ -366,6 +368,8 @@ def _validate_post(config) -> None:
     raise ConfigError(f'post.beta: must be positive; got {q.beta}')
   if not 0.0 <= q.label_smoothing < 0.5:
     raise ConfigError(f'post.label_smoothing: must be in [0, 0.5); got {q.label_smoothing}')
+  if q.chosen_nll_coef < 0:
+    raise ConfigError(f'post.chosen_nll_coef: must be >= 0; got {q.chosen_nll_coef}')
   if config.task == 'ppo':
     if not q.reward_model and q.toy_reward_token < 0:
       raise ConfigError('post.reward_model: ppo needs a reward model (or post.toy_reward_token)')

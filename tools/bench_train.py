@@ -2,6 +2,10 @@
 
   python tools/bench_train.py --config=default [--config.KEY=VALUE ...] [--steps=10] [--torch]
 
+`--steps=0` compiles only and prints XLA's memory analysis, e.g. LoRA vs full fine-tuning:
+  python tools/bench_train.py --config=125m --steps=0 --config.task=sft \
+      --config.post.train_file=tests/data/sft.jsonl --config.peft.method=lora
+
 It times the same jitted, donated `train_step` the trainer runs, on synthetic batches (so the
 input pipeline is not measured). `--torch` also times PyTorch with Hugging Face's
 `LlamaForCausalLM` of the same shape (float32, AdamW) in a separate process, for a side-by-side
@@ -49,6 +53,15 @@ def bench_lmjax(config, steps: int) -> dict:
     compiled = step_fn.lower(abstract, batch).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    result = {'impl': 'lmjax', 'compile_s': compile_s}
+    if memory is not None:
+      result['compiled_memory_mb'] = {
+          'arguments': memory.argument_size_in_bytes / 2**20,
+          'outputs': memory.output_size_in_bytes / 2**20,
+          'temporaries': memory.temp_size_in_bytes / 2**20,
+          'generated_code': memory.generated_code_size_in_bytes / 2**20}
+    if steps <= 0:  # compile only: XLA's memory analysis without allocating the state
+      return result
     state = create()
     for _ in range(2):  # warm up
       state, metrics = compiled(state, batch)
@@ -63,15 +76,9 @@ def bench_lmjax(config, steps: int) -> dict:
   tokens = config.batch_size * config.seq_len
   model_flops = flops_per_token(config.model, config.seq_len)['total']
   peak = peak_flops_per_device() * jax.device_count()
-  result = {'impl': 'lmjax', 'step_s': step_s, 'tokens_per_s': tokens / step_s,
-            'mfu': tokens / step_s * model_flops / peak, 'compile_s': compile_s,
-            'model_gflops_per_token': model_flops / 1e9, 'peak_gflops': peak / 1e9}
-  if memory is not None:
-    result['compiled_memory_mb'] = {
-        'arguments': memory.argument_size_in_bytes / 2**20,
-        'outputs': memory.output_size_in_bytes / 2**20,
-        'temporaries': memory.temp_size_in_bytes / 2**20,
-        'generated_code': memory.generated_code_size_in_bytes / 2**20}
+  result.update(step_s=step_s, tokens_per_s=tokens / step_s,
+                mfu=tokens / step_s * model_flops / peak, model_gflops_per_token=model_flops / 1e9,
+                peak_gflops=peak / 1e9)
   return result
 
 
@@ -120,7 +127,8 @@ def main(argv=None) -> None:
   argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='default')
-  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--steps', type=int, default=10,
+                      help='timed steps; 0 = compile only (memory analysis, nothing allocated)')
   parser.add_argument('--torch', action='store_true', help='also time PyTorch + HF Llama')
   args = parser.parse_args(argv)
   config = config_lib.load_config(args.config)
@@ -132,7 +140,7 @@ def main(argv=None) -> None:
   print(f'config {args.config} {" ".join(overrides)}: {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}, batch {config.batch_size} x seq {config.seq_len}')
   print(f'{"impl":10} {"step s":>8} {"tokens/s":>10} {"MFU":>7}')
-  for r in results:
+  for r in results if args.steps > 0 else ():
     print(f'{r["impl"]:10} {r["step_s"]:8.3f} {r["tokens_per_s"]:10.0f} {100 * r["mfu"]:6.1f}%')
   print(json.dumps(results[0], indent=2))
 

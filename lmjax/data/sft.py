@@ -25,7 +25,9 @@ from lmjax.data import packing
 from lmjax.data.sources import DataError
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, encode: Callable | None = None) -> list:
+  """The file's records, each passed through `encode(record)` when given; a record that is not
+  JSON, or that `encode` rejects with a DataError, is reported as `path:line: ...`."""
   if not path:
     raise DataError('post.train_file: a JSONL file is required for this task')
   records = []
@@ -34,9 +36,13 @@ def read_jsonl(path: str) -> list[dict]:
       for n, line in enumerate(f, 1):
         if line.strip():
           try:
-            records.append(json.loads(line))
+            record = json.loads(line)
           except json.JSONDecodeError as e:
             raise DataError(f'{path}:{n}: not JSON: {e}') from None
+          try:
+            records.append(encode(record) if encode else record)
+          except DataError as e:
+            raise DataError(f'{path}:{n}: {e}') from None
   except OSError as e:
     raise DataError(f'post.train_file: cannot read {path!r}: {e.strerror}') from None
   if not records:
@@ -155,7 +161,7 @@ class EpochIterator:
 
 
 def make_sft_iterator(config, tok, process_index: int = 0, process_count: int = 1):
-  examples = [encode_sft(tok, r) for r in read_jsonl(config.post.train_file)]
+  examples = read_jsonl(config.post.train_file, lambda r: encode_sft(tok, r))
   row_len = config.seq_len + 1
   pack = config.post.pack
   make_rows = lambda example_at, start, rows: pack_examples(example_at, start, rows, row_len, pack)

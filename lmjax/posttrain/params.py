@@ -40,6 +40,7 @@ class PostConfig:
   beta: float = 0.1
   loss_type: str = 'sigmoid'
   label_smoothing: float = 0.0
+  chosen_nll_coef: float = 0.0
   margin: float = 0.0
   center_coef: float = 0.0
   kto_desirable_weight: float = 1.0
@@ -196,8 +197,8 @@ def place_model(task: Task, params, loaded_model):
     trainable['model'] = trainable_model
   if frozen_model:
     frozen['model'] = frozen_model
-  if 'ref' in frozen:
-    frozen['ref'] = loaded_model
+  if 'ref' in frozen:  # its own buffers: the train step donates the state
+    frozen['ref'] = jax.tree.map(jnp.copy, loaded_model)
   new = {'trainable': trainable, 'frozen': frozen}
   return jax.tree.map(lambda n, o: jax.device_put(n.astype(o.dtype), o.sharding), new, params)
 

@@ -13,6 +13,10 @@ Each iteration (one `step`):
      * clipped value loss - entropy_coef * entropy, gradients w.r.t. params['trainable'] only.
 With `post.target_kl > 0` the KL coefficient adapts (proportional controller). Checkpoints use the
 same `Checkpointer` (the state plus {'kl_coef'} as the data state), metrics the same writer.
+
+Wall time: each iteration logs `time/{rollout,score,update}_s` (phase boundaries synchronised with
+`jax.block_until_ready`), the running `time/*_total_s` over this process's iterations after its
+first (which compiles), and `rollout_tokens_per_s`; summary.json carries the totals and fractions.
 """
 
 from __future__ import annotations
@@ -173,6 +177,73 @@ def _load_reward(post):
   return reward_task, reward_params
 
 
+def update_epochs(task, state, data, tx, width, kl_coef, rng):
+  """`post.ppo_epochs` passes of `post.minibatches` updates over the scored rollout `data` (rows
+  shuffled by the numpy generator `rng` each epoch): (state, per-update metrics on the host)."""
+  post = task.post
+  rows = data['mask'].shape[0]
+  mb_size = rows // post.minibatches
+  device_metrics = []
+  for _ in range(post.ppo_epochs):
+    order = rng.permutation(rows)
+    for m in range(post.minibatches):
+      idx = order[m * mb_size:(m + 1) * mb_size]
+      mb = jax.tree.map(lambda x, idx=idx: x[idx], data)
+      state, mb_metrics = update_step(task, state, mb, tx, width, jnp.float32(kl_coef))
+      device_metrics.append(mb_metrics)
+  return state, jax.device_get(device_metrics)  # one sync: updates are dispatched back to back
+
+
+PHASES = ('rollout', 'score', 'update')
+
+
+class PhaseClock:
+  """Wall time of each phase of an iteration, and totals over the iterations after the first (a
+  later iteration still compiles when its rollout brings a new prompt width)."""
+
+  def __init__(self):
+    self.last = dict.fromkeys(PHASES, 0.0)
+    self.totals = dict.fromkeys(PHASES, 0.0)
+    self.iterations = 0  # iterations finished by this process
+    self._mark = time.perf_counter()
+
+  def start(self):
+    self._mark = time.perf_counter()
+
+  def lap(self, phase: str, *outputs):
+    """Ends `phase` once `outputs` are computed."""
+    jax.block_until_ready(outputs)
+    now = time.perf_counter()
+    self.last[phase], self._mark = now - self._mark, now
+
+  def finish(self) -> dict:
+    """Closes the iteration; its metrics."""
+    if self.iterations > 0:  # the first iteration compiles every program: not in the totals
+      for phase in PHASES:
+        self.totals[phase] += self.last[phase]
+    self.iterations += 1
+    return {**{f'time/{p}_s': self.last[p] for p in PHASES},
+            **{f'time/{p}_total_s': self.totals[p] for p in PHASES}}
+
+  def summary(self) -> dict:
+    """Totals and fractions after the first iteration (the first one alone if it is the only)."""
+    first_only = self.iterations == 1
+    totals = self.last if first_only else self.totals
+    overall = sum(totals.values())
+    return {'timed_iterations': 1 if first_only else max(self.iterations - 1, 0),
+            'timing_includes_compile': first_only,
+            **{f'time_{p}_s': totals[p] for p in PHASES},
+            **{f'{p}_fraction': totals[p] / overall if overall > 0 else None for p in PHASES}}
+
+
+def _rollout(task, params, policy_fn, prompts, sampling, seed, pad_id):
+  """Samples `group_size` responses per prompt: (rollout rows, prompt width, tokens generated)."""
+  batch_prompts = [p for p in prompts for _ in range(task.post.group_size)]
+  out = generate(task.model, policy_fn(params), batch_prompts, sampling, seed=seed, pad_id=pad_id)
+  rollout, width = rollout_rows(batch_prompts, out['tokens'], out['lengths'])
+  return rollout, width, int(np.sum(out['lengths']))
+
+
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) PPO per `config` in `workdir`; returns the run summary."""
   start_time = time.time()
@@ -210,36 +281,31 @@ def train(config, workdir: str) -> dict:
   writer = MetricsWriter(workdir, config.steps, int(state.step), enabled=True,
                          progress_bar=config.progress_bar)
   rng = np.random.default_rng([config.seed, int(state.step)])
+  clock = PhaseClock()
   metrics = {}
   step = int(state.step)
   while step < config.steps:
-    start = step * n_prompts
-    chosen = [prompts[(start + i) % len(prompts)] for i in range(n_prompts)]
-    batch_prompts = [p for p in chosen for _ in range(post.group_size)]
-    out = generate(task.model, policy_fn(state.params), batch_prompts, sampling,
-                   seed=config.seed * 100_003 + step, pad_id=tok.pad_id)
-    rollout, width = rollout_rows(batch_prompts, out['tokens'], out['lengths'])
+    clock.start()
+    chosen = [prompts[(step * n_prompts + i) % len(prompts)] for i in range(n_prompts)]
+    rollout, width, generated = _rollout(task, state.params, policy_fn, chosen, sampling,
+                                         config.seed * 100_003 + step, tok.pad_id)
+    clock.lap('rollout')
     data, stats = score_rollout(task, state.params, rollout, width, jnp.float32(kl_coef),
                                 reward_task, reward_params)
-    mb_size = post.rollout_batch // post.minibatches
-    totals = {}
-    for _ in range(post.ppo_epochs):
-      order = rng.permutation(post.rollout_batch)
-      for m in range(post.minibatches):
-        idx = order[m * mb_size:(m + 1) * mb_size]
-        mb = jax.tree.map(lambda x, idx=idx: x[idx], data)
-        state, mb_metrics = update_step(task, state, mb, tx, width, jnp.float32(kl_coef))
-        for k, v in mb_metrics.items():
-          totals[k] = totals.get(k, 0.0) + float(v)
-    count = post.ppo_epochs * post.minibatches
+    clock.lap('score', data, stats)
+    state, updates = update_epochs(task, state, data, tx, width, kl_coef, rng)
+    clock.lap('update', state)
     stats = {k: float(v) for k, v in jax.device_get(stats).items()}
     if post.target_kl > 0:  # proportional controller (Ziegler et al.)
       error = float(np.clip(stats['kl'] / post.target_kl - 1.0, -0.2, 0.2))
       kl_coef = kl_coef * (1.0 + 0.1 * error)
     state = state.replace(step=state.step + 1)
     step += 1
-    metrics = {**{k: v / count for k, v in totals.items()}, **stats, 'kl_coef': kl_coef,
-               'learning_rate': float(schedule(step - 1)), 'skipped': int(state.skipped)}
+    times = clock.finish()
+    metrics = {**{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}, **stats,
+               **times, 'rollout_tokens_per_s': generated / max(times['time/rollout_s'], 1e-9),
+               'kl_coef': kl_coef, 'learning_rate': float(schedule(step - 1)),
+               'skipped': int(state.skipped)}
     if not all(np.isfinite(v) for v in metrics.values()):
       raise RuntimeError(f'ppo: non-finite metrics at step {step}: {metrics}')
     if step % config.log_every == 0 or step == config.steps:
@@ -253,7 +319,8 @@ def train(config, workdir: str) -> dict:
   summary = {'step': step, 'finished': step >= config.steps, 'stopped_by_signal': False,
              'train_loss': metrics.get('loss'), 'eval_loss': None, 'eval_perplexity': None,
              'score': metrics.get('score'), 'kl': metrics.get('kl'), 'tokens': None,
-             'skipped_steps': metrics.get('skipped'), 'wall_seconds': time.time() - start_time}
+             'skipped_steps': metrics.get('skipped'), 'wall_seconds': time.time() - start_time,
+             **clock.summary()}
   with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=2, sort_keys=True)
   return summary

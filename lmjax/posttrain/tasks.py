@@ -6,8 +6,11 @@
   sft     token-weighted cross-entropy on response tokens (weight = response tokens)
   reward  Bradley-Terry on a scalar head over the last non-padding token (weight = pairs)
   dpo     `post.loss_type` sigmoid | ipo | hinge (DPO family, reference = frozen base or the
-          base with adapters off), orpo (no reference) or kto (chosen rows desirable, rejected
-          rows undesirable, unpaired loss) (weight = pairs)
+          base with adapters off; `post.chosen_nll_coef` adds the chosen responses' per-token
+          NLL: RPO), orpo (no reference) or kto (weight = pairs). KTO on a paired
+          file treats chosen rows as desirable and rejected rows as undesirable; on an unpaired
+          file (`desirable` in the batch) its reference point z0 is the batch mean of
+          policy - reference log-prob on the mismatched `kl_` rows (weight = examples)
 """
 
 from __future__ import annotations
@@ -95,8 +98,39 @@ def reward_sums(task: Task, params, batch, rng=None):
   return _sums(loss, metrics, n)
 
 
+def _seq_logps(task: Task, model, rows, peft=None):
+  logits_BLV = _run(task, model, rows, peft)
+  return losses.sequence_log_probs(logits_BLV, rows['targets'], rows['weights'])
+
+
+def kto_unpaired_sums(task: Task, params, batch, rng=None):
+  """KTO on unpaired rows; z0 = max(0, mean(policy - reference)) on the `kl_` rows when present,
+  else the loss's default (the batch mean on the rows themselves)."""
+  post = task.post
+  n = batch['inputs'].shape[0]
+  rows = {k: batch[k] for k in _ROW_KEYS}
+  model, peft = params_lib.model_params(task, params, rng), params_lib.model_peft(task, params)
+  ref = params_lib.reference_params(task, params)
+  logps_B = _seq_logps(task, model, rows, peft)
+  kl_ref = None
+  if 'kl_inputs' in batch:
+    kl_rows = {k: batch[f'kl_{k}'] for k in _ROW_KEYS}
+    both = {k: jnp.concatenate([rows[k], kl_rows[k]]) for k in _ROW_KEYS}
+    ref_logps_B = jax.lax.stop_gradient(_seq_logps(task, ref, both))
+    kl_logps_B = jax.lax.stop_gradient(_seq_logps(task, model, kl_rows, peft))
+    kl_ref = jnp.mean(kl_logps_B - ref_logps_B[n:])
+    ref_logps_B = ref_logps_B[:n]
+  else:
+    ref_logps_B = jax.lax.stop_gradient(_seq_logps(task, ref, rows))
+  loss, metrics = losses.kto_loss(logps_B, ref_logps_B, batch['desirable'], kl_ref, post.beta,
+                                  post.kto_desirable_weight, post.kto_undesirable_weight)
+  return _sums(loss, metrics, n)
+
+
 def preference_sums(task: Task, params, batch, rng=None):
   post = task.post
+  if 'desirable' in batch:
+    return kto_unpaired_sums(task, params, batch, rng)
   n = batch['chosen_inputs'].shape[0]
   rows = _pair_rows(batch)
   logits = _run(task, params_lib.model_params(task, params, rng), rows,
@@ -106,9 +140,8 @@ def preference_sums(task: Task, params, batch, rng=None):
     loss, metrics = losses.orpo_loss(avg[:n], avg[n:], -avg[:n], post.beta)
     return _sums(loss, metrics, n)
   logps = losses.sequence_log_probs(logits, rows['targets'], rows['weights'])
-  ref_logits = _run(task, params_lib.reference_params(task, params), rows)
   ref_logps = jax.lax.stop_gradient(
-      losses.sequence_log_probs(ref_logits, rows['targets'], rows['weights']))
+      _seq_logps(task, params_lib.reference_params(task, params), rows))
   if post.loss_type == 'kto':
     desirable = jnp.concatenate([jnp.ones((n,)), jnp.zeros((n,))])
     loss, metrics = losses.kto_loss(logps, ref_logps, desirable, None, post.beta,
@@ -116,6 +149,10 @@ def preference_sums(task: Task, params, batch, rng=None):
   else:
     loss, metrics = losses.dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
                                     post.beta, post.loss_type, post.label_smoothing)
+    if post.chosen_nll_coef:  # RPO: + the per-token NLL of the chosen responses
+      tokens_B = jnp.maximum(jnp.sum(rows['weights'][:n], axis=-1), 1.0)
+      metrics['chosen_nll'] = jnp.mean(-logps[:n] / tokens_B)
+      loss = loss + post.chosen_nll_coef * metrics['chosen_nll']
   return _sums(loss, metrics, n)
 
 
