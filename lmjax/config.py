@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_low_freq_factor = 1.0
   m.rope_high_freq_factor = 4.0
   m.rope_original_max_len = 8192  # context length the RoPE frequencies were trained for
+  # training losses (pretrain, sft): > 0 = run the LM head + cross-entropy over this many tokens at
+  # a time, recomputed in the backward pass, instead of holding the (batch, seq, vocab) float32
+  # logits and their gradient; the same loss. 0 = off. Not applied with pipeline parallelism
+  m.logits_chunk = 0
 
   c.optimizer = ml_collections.ConfigDict()
   o = c.optimizer
@@ -121,7 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
   p.lora_plus_ratio = 1.0  # LoRA+: B's learning rate = ratio x the base learning rate
   p.train_patterns = ''  # with adapters: regex of base leaves that also train (BitFit: 'scale')
   p.freeze_patterns = ''  # full fine-tuning: regex of base leaves kept frozen ('embed|layers_0/')
-  p.base_dtype = 'float32'  # frozen base storage: float32 | bfloat16
+  # frozen base storage: float32 | bfloat16 | int8 | nf4 (QLoRA-style: matmul weights quantised in
+  # blocks of 64 input rows with a float32 absmax scale, the rest bfloat16; lmjax.peft.quant;
+  # low-rank methods only: lora | dora | vera | lora_fa)
+  p.base_dtype = 'float32'
   p.seed = 0  # VeRA's shared random projections
   p.num_virtual_tokens = 8  # prefix / prompt / p_tuning: virtual tokens (prefix length)
   p.adapter_dim = 16  # bottleneck: adapter hidden size
@@ -201,7 +208,7 @@ _CHOICES = {
     'task': ('pretrain', 'sft', 'reward', 'dpo', 'ppo'),
     'peft.method': ('none', 'lora', 'dora', 'vera', 'lora_fa', 'bottleneck', 'prefix', 'prompt',
                     'p_tuning'),
-    'peft.base_dtype': ('float32', 'bfloat16'),
+    'peft.base_dtype': ('float32', 'bfloat16', 'int8', 'nf4'),
     'post.loss_type': ('sigmoid', 'ipo', 'hinge', 'orpo', 'kto'),
     'post.kl_estimator': ('k1', 'k2', 'k3'),
     'post.advantage': ('gae', 'grpo'),
@@ -211,10 +218,10 @@ _POSITIVE = ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every', 
              'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_in_a_row', 'model.vocab_size',
              'model.num_layers', 'model.d_model', 'model.num_heads', 'model.num_kv_heads',
              'model.mlp_dim', 'model.max_seq_len', 'spike_window')
-_NON_NEGATIVE = ('eval_batches', 'model.head_dim', 'model.sliding_window', 'optimizer.warmup_steps',
-                 'optimizer.learning_rate', 'optimizer.weight_decay', 'optimizer.grad_clip',
-                 'spike_sigmas', 'z_loss', 'sample.max_new_tokens', 'sample.top_k',
-                 'sample.temperature')
+_NON_NEGATIVE = ('eval_batches', 'model.head_dim', 'model.sliding_window', 'model.logits_chunk',
+                 'optimizer.warmup_steps', 'optimizer.learning_rate', 'optimizer.weight_decay',
+                 'optimizer.grad_clip', 'spike_sigmas', 'z_loss', 'sample.max_new_tokens',
+                 'sample.top_k', 'sample.temperature')
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
@@ -359,6 +366,10 @@ def _validate_post(config) -> None:
     raise ConfigError(f'peft.adapter_dim: must be positive; got {p.adapter_dim}')
   if p.method == 'p_tuning' and p.encoder_dim < 0:
     raise ConfigError(f'peft.encoder_dim: must be >= 0; got {p.encoder_dim}')
+  if (p.base_dtype in ('int8', 'nf4') and config.task != 'pretrain'
+      and p.method not in ('lora', 'dora', 'vera', 'lora_fa')):
+    raise ConfigError(f'peft.base_dtype: {p.base_dtype} (a quantised frozen base) needs a low-rank '
+                      f'peft.method (lora, dora, vera or lora_fa); got {p.method}')
   if p.method in ('bottleneck', 'prefix', 'prompt', 'p_tuning') and config.task == 'ppo':
     raise ConfigError(f'peft.method: {p.method} is not supported by task=ppo (its rollouts decode '
                       'the plain model); use lora, dora, vera or lora_fa')

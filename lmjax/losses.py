@@ -1,10 +1,13 @@
-"""Pure loss functions of logits (or log-probabilities); no model inside.
+"""Pure loss functions of logits (or log-probabilities); no model inside (`chunked_cross_entropy`
+takes the final hidden states and the output projection instead of logits).
 
 Losses return sums together with their denominators, so that averaging over micro-batches, hosts
 or devices stays exact: the mean is `sum / count` taken once over the whole batch.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +35,57 @@ def cross_entropy(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
   nll = jnp.sum(nll_BL * weights_BL)
   z = jnp.sum(jnp.square(log_z_BL) * weights_BL)
   return {'loss': nll + z_loss * z, 'nll': nll, 'z': z, 'weight': jnp.sum(weights_BL)}
+
+
+def chunked_cross_entropy(hidden_BLD, w_DV, targets_BL, weights_BL, chunk: int,
+                          z_loss: float = 0.0):
+  """`cross_entropy(hidden_BLD @ w_DV, ...)` without ever holding the (B, L, V) logits.
+
+  The output projection and the loss run over `chunk` tokens at a time in a `lax.scan` whose body
+  is rematerialised (`jax.checkpoint`), so both passes keep one (chunk, V) float32 block of logits
+  alive instead of the whole batch's logits, log-softmax and their gradient; the backward pass
+  recomputes each chunk's logits (one extra head matmul). Same sums and z-loss as `cross_entropy`.
+
+  `hidden_BLD` are the final-norm hidden states in the compute dtype; `w_DV` the head in its
+  storage dtype, cast to the hidden's dtype inside each chunk (the matmul accumulates in float32,
+  as the unchunked head does, and w's gradient accumulates over chunks in w's dtype). Tokens are
+  flattened (T = B * L) and padded with zero weight to n * chunk; chunk j takes the strided
+  tokens j, j + n, j + 2n, ..., so every chunk spans the whole (batch-sharded) token axis.
+  """
+  if chunk <= 0:
+    raise ValueError(f'chunked_cross_entropy: chunk must be positive; got {chunk}')
+  d = hidden_BLD.shape[-1]
+  hidden_TD = hidden_BLD.reshape(-1, d)
+  targets_T = targets_BL.reshape(-1)
+  weights_T = weights_BL.reshape(-1).astype(jnp.float32)
+  tokens = hidden_TD.shape[0]
+  n = -(-tokens // chunk)
+  pad = n * chunk - tokens
+  if pad:
+    hidden_TD = jnp.pad(hidden_TD, ((0, pad), (0, 0)))
+    targets_T = jnp.pad(targets_T, (0, pad))
+    weights_T = jnp.pad(weights_T, (0, pad))
+  # (n * chunk,) -> (chunk, n) -> (n, chunk): chunk j holds tokens j, j + n, ...
+  hidden_NCD = jnp.swapaxes(hidden_TD.reshape(chunk, n, d), 0, 1)
+  targets_NC = jnp.swapaxes(targets_T.reshape(chunk, n), 0, 1)
+  weights_NC = jnp.swapaxes(weights_T.reshape(chunk, n), 0, 1)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def chunk_sums(w_DV, h_CD, targets_C, weights_C):
+    logits_CV = jnp.dot(h_CD, w_DV.astype(h_CD.dtype), preferred_element_type=jnp.float32)
+    log_z_C = jax.nn.logsumexp(logits_CV, axis=-1)
+    target_logit_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0]
+    nll = jnp.sum((log_z_C - target_logit_C) * weights_C)
+    z = jnp.sum(jnp.square(log_z_C) * weights_C)
+    return nll, z
+
+  def body(carry, xs):
+    nll, z = chunk_sums(w_DV, *xs)
+    return (carry[0] + nll, carry[1] + z), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (nll, z), _ = jax.lax.scan(body, (zero, zero), (hidden_NCD, targets_NC, weights_NC))
+  return {'loss': nll + z_loss * z, 'nll': nll, 'z': z, 'weight': jnp.sum(weights_T)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,9 +46,15 @@ def weight_decay_mask(params, decay_embeddings: bool):
   return traverse_util.unflatten_dict({p: decays(p, x) for p, x in flat.items()})
 
 
-def make_optimizer(opt_config, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optax chain (clipping, then the optimizer with masked weight decay) and its schedule."""
-  schedule = learning_rate_schedule(opt_config, steps)
+def make_optimizer(opt_config, steps: int, updates_per_step: int = 1
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optax chain (clipping, then the optimizer with masked weight decay) and its schedule
+  over `steps`. With several optimizer updates per step (PPO's epochs x minibatches) every update
+  of step s uses the step's rate schedule(s)."""
+  step_schedule = learning_rate_schedule(opt_config, steps)
+  schedule = step_schedule
+  if updates_per_step > 1:
+    schedule = lambda count: step_schedule(count // updates_per_step)
   mask = lambda params: weight_decay_mask(params, opt_config.decay_embeddings)
   wd = opt_config.weight_decay
   name = opt_config.name
@@ -66,5 +72,5 @@ def make_optimizer(opt_config, steps: int) -> tuple[optax.GradientTransformation
     raise ValueError(f'optimizer.name: unknown optimizer {name!r}')
   if opt_config.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), opt)
-  return opt, schedule
+  return opt, step_schedule
 

@@ -276,3 +276,22 @@ def test_ppo_one_iteration_through_the_cli(tmp_path):
   merged = str(tmp_path / 'merged')
   assert cli.main(['peft', 'merge', f'--workdir={workdir}', f'--output={merged}']) == 0
   assert os.path.isdir(os.path.join(merged, 'params'))
+
+
+def test_every_update_of_an_iteration_uses_the_iterations_learning_rate():
+  # PPO makes epochs x minibatches updates per iteration; warmup and decay count iterations.
+  from lmjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  config = base_config()
+  opt = config.optimizer
+  opt.name, opt.b1, opt.weight_decay, opt.grad_clip = 'sgd', 0.0, 0.0, 0.0
+  opt.learning_rate, opt.warmup_steps, opt.schedule = 1.0, 4, 'constant'
+  tx, schedule = make_optimizer(opt, steps=8, updates_per_step=3)
+  params = {'w': jnp.zeros(())}
+  state = tx.init(params)
+  rates = []
+  for _ in range(12):
+    updates, state = tx.update({'w': jnp.ones(())}, state, params)
+    rates.append(-float(updates['w']))
+  expected = [float(schedule(i // 3)) for i in range(12)]
+  assert rates == pytest.approx(expected)
+  assert expected[:6] == pytest.approx([0.0, 0.0, 0.0, 0.25, 0.25, 0.25])

@@ -69,6 +69,7 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  logits_chunk: int = 0  # > 0: training losses run the LM head over this many tokens at a time
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -186,7 +187,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None, return_hidden=False,
-               peft=None):
+               peft=None, skip_head=False):
     cfg = self.cfg
     batch, length = tokens_BL.shape
     embed_VD = param_with_axes(self, 'embed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
@@ -242,16 +243,22 @@ class Transformer(nn.Module):
     else:
       head_DV = param_with_axes(self, 'lm_head', (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
                                 cfg.init_std, cfg.param_dtype)
-    logits_TV = jnp.dot(x_TD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
-    logits_BLV = constrain(logits_TV.reshape(batch, length, cfg.vocab_size),
-                           ('act_batch', 'act_len', 'act_vocab'))
-    if return_hidden:  # post-training heads (reward, value) read the final-norm hidden state
-      logits_BLV = (logits_BLV, x_TD.reshape(batch, length, cfg.d_model))
+    if skip_head:  # the head's inputs (chunked cross-entropy): hidden_BLD and head_DV
+      hidden_BLD = constrain(x_TD.reshape(batch, length, cfg.d_model),
+                             ('act_batch', 'act_len', 'act_embed'))
+      out = (hidden_BLD, head_DV)
+    else:
+      logits_TV = jnp.dot(x_TD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
+      logits_BLV = constrain(logits_TV.reshape(batch, length, cfg.vocab_size),
+                             ('act_batch', 'act_len', 'act_vocab'))
+      out = logits_BLV
+      if return_hidden:  # post-training heads (reward, value) read the final-norm hidden state
+        out = (logits_BLV, x_TD.reshape(batch, length, cfg.d_model))
     if cache is None:
-      return logits_BLV, None
+      return out, None
     new_cache = dict(layer_caches, segment_ids=ctx['kv_segment_ids'],
                      positions=ctx['kv_positions'], index=cache['index'] + length)
-    return logits_BLV, new_cache
+    return out, new_cache
 
   def _prompt_prefix(self, run_layers, prompt_PD, batch):
     """Per-layer keys/values {'k', 'v': (N, B, P, K, Dh)} of virtual tokens at positions 0..P-1
@@ -296,6 +303,16 @@ def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, c
   `peft`: the in-model PEFT leaves (see the module docstring), None for the plain model."""
   return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, cache,
                                 peft=peft)
+
+
+def forward_head_inputs(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL,
+                        peft=None):
+  """(hidden_BLD, head_DV) without a cache: the final-norm hidden states (compute dtype) and the
+  output projection (storage dtype; the transposed embedding when tied), whose product in the
+  compute dtype with float32 accumulation is `forward`'s logits. For
+  `losses.chunked_cross_entropy`, which never materialises the (B, L, V) logits."""
+  return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, None,
+                                peft=peft, skip_head=True)[0]
 
 
 def forward_hidden(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, peft=None):

@@ -48,7 +48,7 @@ class PeftConfig:
   lora_plus_ratio: float = 1.0  # LoRA+: learning-rate multiplier of B
   train_patterns: str = ''  # regex of base leaves that also train (BitFit-style: 'scale')
   freeze_patterns: str = ''  # full fine-tuning: regex of base leaves kept frozen (e.g. 'embed')
-  base_dtype: str = 'float32'  # dtype of the frozen base: float32 | bfloat16
+  base_dtype: str = 'float32'  # frozen base: float32 | bfloat16 | int8 | nf4 (`lmjax.peft.quant`)
   seed: int = 0  # VeRA's shared random projections
   num_virtual_tokens: int = 8  # prefix / prompt / p_tuning: P virtual tokens (prefix length)
   adapter_dim: int = 16  # bottleneck adapters: r

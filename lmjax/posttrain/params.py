@@ -9,7 +9,9 @@ is differentiated and has optimizer state.
                          `lmjax.peft.hooks`; the forward pass gets them via `model_peft`)
   trainable['head']      reward model: scalar head {'w': (D,), 'b': ()}
   trainable['value']     PPO: value head {'w': (D,), 'b': ()}
-  frozen['model']        the other base leaves (held in `peft.base_dtype`)
+  frozen['model']        the other base leaves (held in `peft.base_dtype`; int8 / nf4 store the
+                         matmul weights as {'int8'|'nf4': codes, 'absmax': scales}, see
+                         `lmjax.peft.quant`, dequantised by `model_params`)
   frozen['ref']          DPO/KTO/PPO reference model when the base itself trains (with adapters
                          the reference is the base with the adapters off: no second copy)
 """
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from lmjax.models.transformer import ModelConfig, init_params
-from lmjax.peft import hooks, lora
+from lmjax.peft import hooks, lora, quant
 
 TASKS = ('pretrain', 'sft', 'reward', 'dpo', 'ppo')
 
@@ -102,10 +104,19 @@ def split_model(task: Task, model_params):
   else:
     trains = lambda p: not _matches(task.peft.freeze_patterns, p)
   trainable = {p: v for p, v in flat.items() if trains(p)}
-  dtype = jnp.dtype(task.peft.base_dtype)
-  frozen = {p: jax.tree.map(lambda x: x.astype(dtype), v) for p, v in flat.items()
-            if not trains(p)}
+  if quant.is_quantized(task.peft.base_dtype):  # int8 / nf4: matmul weights become small dicts
+    frozen = {p: quant.quantize_leaf(p, v, task.peft.base_dtype, task.model.scan_layers)
+              for p, v in flat.items() if not trains(p)}
+  else:
+    dtype = jnp.dtype(task.peft.base_dtype)
+    frozen = {p: jax.tree.map(lambda x: x.astype(dtype), v) for p, v in flat.items()
+              if not trains(p)}
   return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def _stored_base(task: Task, frozen_model):
+  """The frozen base as the model will read it (dequantised, float32), plain arrays."""
+  return quant.dequantize_tree(nn.unbox(frozen_model), task.model.scan_layers, jnp.float32)
 
 
 def _head(d_model: int):
@@ -124,6 +135,8 @@ def build_params(task: Task, model_params, rng):
   if hooks.is_hook_method(task.peft.method):
     trainable['adapters'] = hooks.init_leaves(task.peft, task.model, plain, rng)
   elif task.peft.enabled:
+    if task.peft.method == 'dora' and quant.is_quantized(task.peft.base_dtype):
+      plain = _deep_merge(plain, _stored_base(task, frozen_model))  # magnitudes of the stored W
     adapters = lora.init_adapters(task.peft, plain, rng, task.model.scan_layers)
     if task.peft.method == 'lora_fa':  # A stays frozen: no gradient, no optimizer state
       flat = traverse_util.flatten_dict(adapters)
@@ -151,10 +164,21 @@ def adapters_of(params) -> dict:
   return _deep_merge(params['frozen'].get('adapters', {}), params['trainable'].get('adapters', {}))
 
 
+def _base_model(task: Task, params, dtype=None):
+  """The base tree (frozen and trainable leaves); a quantised (int8 / nf4) frozen base comes back
+  dequantised to `dtype` (default: bfloat16 under a bfloat16 model.dtype, else float32)."""
+  frozen = params['frozen'].get('model', {})
+  if quant.is_quantized(task.peft.base_dtype):
+    if dtype is None:
+      dtype = jnp.bfloat16 if jnp.dtype(task.model.dtype) == jnp.bfloat16 else jnp.float32
+    frozen = quant.dequantize_tree(frozen, task.model.scan_layers, dtype)
+  return _deep_merge(frozen, params['trainable'].get('model', {}))
+
+
 def model_params(task: Task, params, rng=None, adapters: bool = True):
   """The plain params tree the Transformer reads (adapters applied unless `adapters=False`).
   In-model methods leave it as the base: pass `model_peft(task, params)` to the forward pass."""
-  base = _deep_merge(params['frozen'].get('model', {}), params['trainable'].get('model', {}))
+  base = _base_model(task, params)
   if adapters and task.peft.low_rank:
     return lora.effective_params(task.peft, base, adapters_of(params), rng,
                                  task.model.scan_layers)
@@ -177,13 +201,18 @@ def reference_params(task: Task, params):
 
 
 def merged_model_params(task: Task | None, params):
-  """Base params with adapters folded in, in the base's storage dtype (for export).
+  """Base params with adapters folded in, in the base's storage dtype (for export; a quantised
+  base exports float weights, in model.param_dtype).
   Raises ValueError for in-model methods (bottleneck / prefix / prompt / p_tuning)."""
   if task is None:
     return params
   if hooks.is_hook_method(task.peft.method):
     raise hooks.merge_error(task.peft.method)
-  base = model_params(task, params, adapters=False)
+  if quant.is_quantized(task.peft.base_dtype):  # merged into the dequantised weights: a float
+    dtype = jnp.dtype(task.model.param_dtype)  # export, every leaf in model.param_dtype
+    base = jax.tree.map(lambda x: x.astype(dtype), _base_model(task, params, jnp.float32))
+  else:
+    base = model_params(task, params, adapters=False)
   if not task.peft.enabled:
     return base
   return lora.merge(task.peft, base, adapters_of(params), task.model.scan_layers)
@@ -199,6 +228,13 @@ def place_model(task: Task, params, loaded_model):
     frozen['model'] = frozen_model
   if 'ref' in frozen:  # its own buffers: the train step donates the state
     frozen['ref'] = jax.tree.map(jnp.copy, loaded_model)
+  if task.peft.method == 'dora':  # DoRA's magnitudes start as the column norms of the new base
+    base = _deep_merge(loaded_model, _stored_base(task, frozen_model))
+    fresh = traverse_util.flatten_dict(lora.init_adapters(task.peft, base, jax.random.key(0),
+                                                          task.model.scan_layers))
+    adapters = dict(traverse_util.flatten_dict(trainable['adapters']))
+    adapters.update({p: v for p, v in fresh.items() if p[-1] == 'm'})
+    trainable['adapters'] = traverse_util.unflatten_dict(adapters)
   new = {'trainable': trainable, 'frozen': frozen}
   return jax.tree.map(lambda n, o: jax.device_put(n.astype(o.dtype), o.sharding), new, params)
 

@@ -256,7 +256,7 @@ def train(config, workdir: str) -> dict:
   prompts = [[tok.bos_id] + tok.encode(r['prompt']) for r in read_jsonl(post.train_file)]
   step_cfg = step_lib.StepConfig.from_config(config)
   task = step_cfg.task
-  tx, schedule = tasks_lib.make_optimizer(config, task)
+  tx, schedule = tasks_lib.make_optimizer(config, task, post.ppo_epochs * post.minibatches)
 
   def create():
     state = step_lib.init_state(step_cfg, tx, config.seed)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from lmjax import losses
-from lmjax.models.transformer import forward, forward_hidden
+from lmjax.models.transformer import forward, forward_head_inputs, forward_hidden
 from lmjax.optim import make_optimizer as make_base_optimizer
 from lmjax.peft import lora
 from lmjax.posttrain import params as params_lib
@@ -39,10 +39,10 @@ def make_iterator(config, tok, process_index: int = 0, process_count: int = 1):
   raise ValueError(f'task: no data iterator for {config.task!r}')
 
 
-def make_optimizer(config, task: Task | None):
+def make_optimizer(config, task: Task | None, updates_per_step: int = 1):
   """The config's optimizer over the trainable tree; LoRA+ scales B's updates (= its LR, also for
   decoupled weight decay) by `peft.lora_plus_ratio`."""
-  tx, schedule = make_base_optimizer(config.optimizer, config.steps)
+  tx, schedule = make_base_optimizer(config.optimizer, config.steps, updates_per_step)
   if task is not None and task.peft.enabled and task.peft.lora_plus_ratio != 1.0:
     def mask(trainable):
       out = jax.tree.map(lambda _: False, trainable)
@@ -85,8 +85,13 @@ def _sums(loss, metrics, n):
 
 
 def sft_sums(task: Task, params, batch, rng=None):
-  logits_BLV = _run(task, params_lib.model_params(task, params, rng), batch,
-                    params_lib.model_peft(task, params))
+  model, peft = params_lib.model_params(task, params, rng), params_lib.model_peft(task, params)
+  if task.model.logits_chunk > 0:  # the head and loss chunk by chunk, never the whole logits
+    hidden_BLD, head_DV = forward_head_inputs(task.model, model, batch['inputs'],
+                                              batch['positions'], batch['segment_ids'], peft=peft)
+    return losses.chunked_cross_entropy(hidden_BLD, head_DV, batch['targets'], batch['weights'],
+                                        task.model.logits_chunk)
+  logits_BLV = _run(task, model, batch, peft)
   return losses.cross_entropy(logits_BLV, batch['targets'], batch['weights'])
 
 

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmjax.losses import cross_entropy
+from lmjax.losses import chunked_cross_entropy, cross_entropy
 from lmjax.parallel import pipeline as pipeline_lib
-from lmjax.models.transformer import ModelConfig, forward
+from lmjax.models.transformer import ModelConfig, forward, forward_head_inputs
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -82,7 +82,14 @@ def init_state(step_cfg: StepConfig, tx: optax.GradientTransformation, seed: int
 
 
 def loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0, pipeline=(1, 1)):
-  """Sums (see `losses.cross_entropy`) of the next-token loss on one batch."""
+  """Sums (see `losses.cross_entropy`) of the next-token loss on one batch. With
+  `model.logits_chunk` > 0 (and no pipeline) the head and loss run chunk by chunk
+  (`losses.chunked_cross_entropy`): the same sums without the (B, L, V) logits in memory."""
+  if model_cfg.logits_chunk > 0 and pipeline[0] == 1:
+    hidden_BLD, head_DV = forward_head_inputs(model_cfg, params, batch['inputs'],
+                                              batch['positions'], batch['segment_ids'])
+    return chunked_cross_entropy(hidden_BLD, head_DV, batch['targets'], batch['weights'],
+                                 model_cfg.logits_chunk, z_loss)
   fwd = forward if pipeline[0] == 1 else functools.partial(
       pipeline_lib.forward, stages=pipeline[0], microbatches=pipeline[1])
   logits_BLV, _ = fwd(model_cfg, params, batch['inputs'], batch['positions'],
