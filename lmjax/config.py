@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_original_max_len = 8192  # context length the RoPE frequencies were trained for
   # training losses (pretrain, sft): > 0 = run the LM head + cross-entropy over this many tokens at
   # a time, recomputed in the backward pass, instead of holding the (batch, seq, vocab) float32
-  # logits and their gradient; the same loss. 0 = off. Not applied with pipeline parallelism
+  # logits and their gradient; the same loss. 0 = off. Not with pipeline stages (mesh.pipeline)
   m.logits_chunk = 0
 
   c.optimizer = ml_collections.ConfigDict()
@@ -433,6 +433,9 @@ def _validate_mesh(config, num_devices):
   if m.num_layers % sizes['pipeline']:
     raise ConfigError(f'mesh.pipeline: {sizes["pipeline"]} does not divide '
                       f'model.num_layers={m.num_layers}')
+  if m.logits_chunk and sizes['pipeline'] > 1:
+    raise ConfigError('model.logits_chunk: not supported with pipeline stages (mesh.pipeline='
+                      f'{sizes["pipeline"]}); set it to 0')
   from lmjax.parallel.sharding import validate_parallelism  # pylint: disable=g-import-not-at-top
   validate_parallelism(config, num_devices)  # presets, DCN factors, divisibility, pipeline
 

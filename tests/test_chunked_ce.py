@@ -170,3 +170,7 @@ def test_logits_chunk_validation():
     config_lib.validate(config, num_devices=1)
   assert config_lib.base_config().model.logits_chunk == 0
   assert transformer.ModelConfig.from_config(config_lib.base_config().model).logits_chunk == 0
+  config.model.logits_chunk = 16
+  config.mesh.pipeline, config.mesh.data = 2, 1
+  with pytest.raises(config_lib.ConfigError, match='model.logits_chunk: not supported with pipe'):
+    config_lib.validate(config, num_devices=2)

@@ -39,6 +39,7 @@ def merge_workdir(workdir: str, output: str) -> None:
   checkpoint_lib.save_params(output, merged)
   config.task = 'pretrain'
   config.peft.method = 'none'
+  config.peft.base_dtype = 'float32'  # the export is float (model.param_dtype)
   config.init_from = ''
   with open(os.path.join(output, 'config.json'), 'w', encoding='utf-8') as f:
     json.dump(config.to_dict(), f, indent=2, sort_keys=True)
