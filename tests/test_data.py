@@ -109,14 +109,15 @@ def test_train_rows_interleave_whole_documents_in_stream_order(corpus, tok):
     assert starts[0] == 0
     streams.append([row_stream[i:j] for i, j in zip(starts, starts[1:] + [len(row_stream)])])
   # Every piece but each row's open (last) one is a whole document; match those first, then the
-  # open pieces by prefix among the documents left (documents may share their first tokens).
+  # open pieces by prefix among the documents left (documents may share their first tokens), the
+  # longest first: a piece of a few tokens (just bos) is a prefix of every document.
   seen, firsts = [], []
   for pieces in streams:
     for k, piece in enumerate(pieces[:-1]):
       index = next(i for i, doc in enumerate(expected) if i not in seen and doc == piece)
       seen.append(index)
       firsts += [index] if k == 0 else []
-  for pieces in streams:
+  for pieces in sorted(streams, key=lambda pieces: -len(pieces[-1])):
     piece = pieces[-1]
     index = next(i for i, doc in enumerate(expected) if i not in seen and doc[:len(piece)] == piece)
     seen.append(index)
