@@ -151,3 +151,19 @@ def test_reward_task_loss():
   sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(_pair_batch())
   # the head starts at zero: every reward is 0, so the loss is log 2 per pair
   assert float(sums['loss'] / sums['weight']) == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_chat_pair_scores_only_the_final_reply():
+  # An earlier assistant turn is context: a DPO/ORPO/KTO log-prob must not include it.
+  tok = FakeTok()
+  record = {'messages': [{'role': 'user', 'content': 'hi'},
+                         {'role': 'assistant', 'content': 'yo'},
+                         {'role': 'user', 'content': 'and?'}],
+            'chosen': 'ok', 'rejected': 'no way'}
+  for (tokens, mask), reply in zip(preference.encode_pair(tok, record), ('ok', 'no way')):
+    reply_tokens = tok.encode(reply) + [tok.eos_id]
+    assert tokens[-len(reply_tokens):] == reply_tokens
+    assert mask == [0] * (len(tokens) - len(reply_tokens)) + [1] * len(reply_tokens)
+    full, full_mask = sft.encode_messages(tok, record['messages'] + [
+        {'role': 'assistant', 'content': reply}])
+    assert tokens == full and sum(full_mask) > sum(mask)  # SFT trains on every assistant turn

@@ -24,17 +24,26 @@ from lmjax.data.sources import DataError
 SIDES = ('chosen', 'rejected')
 
 
+def split_reply(tok, record: dict, reply: str):
+  """(context tokens, reply tokens + eos): `[bos] prompt`, or the rendered chat `messages`, then
+  the assistant `reply`. Only the reply is scored: earlier assistant turns are context."""
+  if 'messages' in record:
+    messages = list(record['messages']) + [{'role': 'assistant', 'content': reply}]
+    tokens, _ = sft.encode_messages(tok, messages)
+  else:
+    tokens, _ = sft.encode_prompt_response(tok, record['prompt'], reply)
+  n = len(tokens) - len(tok.encode(reply)) - 1
+  return tokens[:n], tokens[n:]
+
+
 def encode_pair(tok, record: dict):
-  """((tokens, mask) chosen, (tokens, mask) rejected)."""
+  """((tokens, mask) chosen, (tokens, mask) rejected), the mask on the reply only."""
   if not all(k in record for k in SIDES):
     raise DataError(f'preference record needs chosen and rejected: {sorted(record)}')
   out = []
   for side in SIDES:
-    if 'messages' in record:
-      messages = list(record['messages']) + [{'role': 'assistant', 'content': record[side]}]
-      out.append(sft.encode_messages(tok, messages))
-    else:
-      out.append(sft.encode_prompt_response(tok, record['prompt'], record[side]))
+    context, reply = split_reply(tok, record, record[side])
+    out.append((context + reply, [0] * len(context) + [1] * len(reply)))
   return tuple(out)
 
 
@@ -71,13 +80,8 @@ def encode_unpaired(tok, record: dict):
                     f'label: {sorted(record)}')
   if not isinstance(label, bool):
     raise DataError(f'label: must be true (desirable) or false (undesirable); got {label!r}')
-  if 'messages' in record:
-    messages = list(record['messages']) + [{'role': 'assistant', 'content': completion}]
-    tokens, _ = sft.encode_messages(tok, messages)
-  else:
-    tokens, _ = sft.encode_prompt_response(tok, record['prompt'], completion)
-  n = len(tokens) - len(tok.encode(completion)) - 1  # the completion is its own tokens + eos
-  return tokens[:n], tokens[n:], label
+  context, reply = split_reply(tok, record, completion)
+  return context, reply, label
 
 
 def unpaired_batch(examples, row_len: int) -> dict[str, np.ndarray]:
