@@ -33,12 +33,10 @@ import jax
 import numpy as np
 
 from lmjax import cli
-from lmjax import losses
 from lmjax.data import load_or_train_tokenizer
 from lmjax.data import preference
 from lmjax.data import sft as sft_data
 from lmjax.generate import SamplingConfig, generate
-from lmjax.models.transformer import forward
 from lmjax.posttrain import params as params_lib
 from lmjax.posttrain import tasks as tasks_lib
 
@@ -148,12 +146,6 @@ def reward_accuracy(workdir: str, pairs_path: str, tok, row_len: int = 49) -> fl
   return float(np.mean(chosen > rejected))
 
 
-def sequence_log_probs(model_cfg, model_params, batch):
-  logits = forward(model_cfg, model_params, batch['inputs'], batch['positions'],
-                   batch['segment_ids'])[0]
-  return losses.sequence_log_probs(logits, batch['targets'], batch['weights'])
-
-
 def evaluate_policy(workdir: str, base_params, tok, samples: int, seed: int = 0) -> dict:
   """Samples `samples` completions of the held-out prompts at temperature 1 and scores them with
   the rule; KL(policy || base) is the mean of log pi - log base over the samples (k1)."""
@@ -171,7 +163,7 @@ def evaluate_policy(workdir: str, base_params, tok, samples: int, seed: int = 0)
     texts.append(tok.decode([t for t in response if t != tok.eos_id]))
     examples.append((prompt + response, [0] * len(prompt) + [1] * len(response)))
   batch = preference.pad_rows(examples, max(len(e[0]) for e in examples))
-  seq_logp = jax.jit(lambda p, b: sequence_log_probs(model_cfg, p, b))
+  seq_logp = jax.jit(lambda p, b: tasks_lib.sequence_log_probs(task, p, b))
   kl = np.asarray(seq_logp(policy, batch)) - np.asarray(seq_logp(base_params, batch))
   rewards = np.asarray([rule_reward(t) for t in texts])
   return {'rule_reward': float(rewards.mean()), 'preferred_share': float(np.mean(rewards > 0.5)),

@@ -134,8 +134,7 @@ def quantize_leaf(path: tuple, value, fmt: str, stacked: bool):
   names = tuple(value.names)
   lead, _, out_shape = lora._split_shape(path, array.shape, stacked)  # pylint: disable=protected-access
   scale_names = names[:len(lead)] + (None,) + names[len(names) - len(out_shape):]
-  key = fmt
-  return {key: value.replace(value=leaf[key]), 'absmax': value.replace(value=leaf['absmax'],
+  return {fmt: value.replace(value=leaf[fmt]), 'absmax': value.replace(value=leaf['absmax'],
                                                                         names=scale_names)}
 
 

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import optax
 
 from lmjax import losses
-from lmjax.models.transformer import forward, forward_head_inputs, forward_hidden
+from lmjax.models.transformer import forward, forward_hidden
 from lmjax.optim import make_optimizer as make_base_optimizer
 from lmjax.peft import lora
 from lmjax.posttrain import params as params_lib
 from lmjax.posttrain.params import Task
+from lmjax.train.step import loss_sums as token_loss_sums
 
 DPO_LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'orpo', 'kto')
 _ROW_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -85,14 +86,8 @@ def _sums(loss, metrics, n):
 
 
 def sft_sums(task: Task, params, batch, rng=None):
-  model, peft = params_lib.model_params(task, params, rng), params_lib.model_peft(task, params)
-  if task.model.logits_chunk > 0:  # the head and loss chunk by chunk, never the whole logits
-    hidden_BLD, head_DV = forward_head_inputs(task.model, model, batch['inputs'],
-                                              batch['positions'], batch['segment_ids'], peft=peft)
-    return losses.chunked_cross_entropy(hidden_BLD, head_DV, batch['targets'], batch['weights'],
-                                        task.model.logits_chunk)
-  logits_BLV = _run(task, model, batch, peft)
-  return losses.cross_entropy(logits_BLV, batch['targets'], batch['weights'])
+  return token_loss_sums(task.model, params_lib.model_params(task, params, rng), batch,
+                         peft=params_lib.model_peft(task, params))
 
 
 def reward_sums(task: Task, params, batch, rng=None):
@@ -103,7 +98,8 @@ def reward_sums(task: Task, params, batch, rng=None):
   return _sums(loss, metrics, n)
 
 
-def _seq_logps(task: Task, model, rows, peft=None):
+def sequence_log_probs(task: Task, model, rows, peft=None):
+  """Per-row sum of log p(target) over the weighted tokens of `rows` (B,) under plain `model`."""
   logits_BLV = _run(task, model, rows, peft)
   return losses.sequence_log_probs(logits_BLV, rows['targets'], rows['weights'])
 
@@ -116,17 +112,17 @@ def kto_unpaired_sums(task: Task, params, batch, rng=None):
   rows = {k: batch[k] for k in _ROW_KEYS}
   model, peft = params_lib.model_params(task, params, rng), params_lib.model_peft(task, params)
   ref = params_lib.reference_params(task, params)
-  logps_B = _seq_logps(task, model, rows, peft)
+  logps_B = sequence_log_probs(task, model, rows, peft)
   kl_ref = None
   if 'kl_inputs' in batch:
     kl_rows = {k: batch[f'kl_{k}'] for k in _ROW_KEYS}
     both = {k: jnp.concatenate([rows[k], kl_rows[k]]) for k in _ROW_KEYS}
-    ref_logps_B = jax.lax.stop_gradient(_seq_logps(task, ref, both))
-    kl_logps_B = jax.lax.stop_gradient(_seq_logps(task, model, kl_rows, peft))
+    ref_logps_B = jax.lax.stop_gradient(sequence_log_probs(task, ref, both))
+    kl_logps_B = jax.lax.stop_gradient(sequence_log_probs(task, model, kl_rows, peft))
     kl_ref = jnp.mean(kl_logps_B - ref_logps_B[n:])
     ref_logps_B = ref_logps_B[:n]
   else:
-    ref_logps_B = jax.lax.stop_gradient(_seq_logps(task, ref, rows))
+    ref_logps_B = jax.lax.stop_gradient(sequence_log_probs(task, ref, rows))
   loss, metrics = losses.kto_loss(logps_B, ref_logps_B, batch['desirable'], kl_ref, post.beta,
                                   post.kto_desirable_weight, post.kto_undesirable_weight)
   return _sums(loss, metrics, n)
@@ -146,7 +142,7 @@ def preference_sums(task: Task, params, batch, rng=None):
     return _sums(loss, metrics, n)
   logps = losses.sequence_log_probs(logits, rows['targets'], rows['weights'])
   ref_logps = jax.lax.stop_gradient(
-      _seq_logps(task, params_lib.reference_params(task, params), rows))
+      sequence_log_probs(task, params_lib.reference_params(task, params), rows))
   if post.loss_type == 'kto':
     desirable = jnp.concatenate([jnp.ones((n,)), jnp.zeros((n,))])
     loss, metrics = losses.kto_loss(logps, ref_logps, desirable, None, post.beta,

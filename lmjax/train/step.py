@@ -9,7 +9,6 @@ above the recent mean) leaves params and optimizer state untouched and is counte
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -81,19 +80,20 @@ def init_state(step_cfg: StepConfig, tx: optax.GradientTransformation, seed: int
       num_losses=jnp.zeros((), jnp.int32))
 
 
-def loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0, pipeline=(1, 1)):
-  """Sums (see `losses.cross_entropy`) of the next-token loss on one batch. With
-  `model.logits_chunk` > 0 (and no pipeline) the head and loss run chunk by chunk
-  (`losses.chunked_cross_entropy`): the same sums without the (B, L, V) logits in memory."""
-  if model_cfg.logits_chunk > 0 and pipeline[0] == 1:
-    hidden_BLD, head_DV = forward_head_inputs(model_cfg, params, batch['inputs'],
-                                              batch['positions'], batch['segment_ids'])
+def loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0, pipeline=(1, 1),
+              peft=None):
+  """Sums (see `losses.cross_entropy`) of the next-token loss on one batch (`peft`: in-model PEFT
+  leaves, SFT). With `model.logits_chunk` > 0 (and no pipeline) the head and loss run chunk by
+  chunk (`losses.chunked_cross_entropy`): the same sums without the (B, L, V) logits in memory."""
+  args = (model_cfg, params, batch['inputs'], batch['positions'], batch['segment_ids'])
+  if pipeline[0] > 1:
+    logits_BLV, _ = pipeline_lib.forward(*args, stages=pipeline[0], microbatches=pipeline[1])
+  elif model_cfg.logits_chunk > 0:
+    hidden_BLD, head_DV = forward_head_inputs(*args, peft=peft)
     return chunked_cross_entropy(hidden_BLD, head_DV, batch['targets'], batch['weights'],
                                  model_cfg.logits_chunk, z_loss)
-  fwd = forward if pipeline[0] == 1 else functools.partial(
-      pipeline_lib.forward, stages=pipeline[0], microbatches=pipeline[1])
-  logits_BLV, _ = fwd(model_cfg, params, batch['inputs'], batch['positions'],
-                      batch['segment_ids'])
+  else:
+    logits_BLV, _ = forward(*args, peft=peft)
   return cross_entropy(logits_BLV, batch['targets'], batch['weights'], z_loss)
 
 
