@@ -10,9 +10,10 @@ words that are positive; a completion is *rule-preferred* when most of its words
              (so the base policy writes rule-preferred completions about 5/16 of the time);
   2. reward  a reward model (the SFT model + a scalar head) learns from pairs where the chosen
              completion has more positive words; its pair accuracy is measured on held-out pairs;
-  3. dpo     DPO on the same pairs (the reference is a frozen copy of the SFT model), with RPO's
-             NLL term on the chosen responses (`post.chosen_nll_coef`), which keeps plain DPO from
-             pushing probability onto tokens neither response uses;
+  3. dpo     LoRA-DPO on the same pairs (the reference is the SFT model: the adapter switched
+             off, no second copy), with RPO's NLL term on the chosen responses
+             (`post.chosen_nll_coef`), which keeps plain DPO from pushing probability onto tokens
+             neither response uses;
   4. ppo     PPO from the SFT model against the trained reward model (not the rule), with a KL
              penalty to the SFT model.
 Every stage is an `lmjax train` command (printed as it runs; a re-run resumes or skips finished
@@ -48,7 +49,10 @@ NOUNS = ('apple', 'river', 'house', 'garden', 'train', 'book', 'song', 'city', '
 WORDS = 4
 SFT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                           'sft_tiny.py')
-HELD_OUT_NOUNS = NOUNS[-4:]  # prompts never seen in training: the final sampling evaluation
+HELD_OUT_NOUNS = NOUNS[-4:]
+# LoRA on every linear layer and the output head: which adjective comes next is mostly the head's
+# choice ('all-linear' alone, as in Hugging Face PEFT, leaves it frozen and reached 52-62%)
+LORA_TARGETS = r'attn/(q|k|v|o)$|mlp/(gate|up|down)$|lm_head'  # prompts never seen in training: the final sampling evaluation
 
 
 def prompt_for(noun: str) -> str:
@@ -120,10 +124,11 @@ def stage_commands(workdir: str, paths: dict[str, str], quick: bool) -> dict[str
                           '--config.optimizer.learning_rate=1e-3',
                           '--config.post.center_coef=0.01'],
       'dpo': common + [f'--workdir={run("dpo")}', '--config.task=dpo',
-                       f'--config.init_from={run("sft")}', '--config.peft.method=none',
+                       f'--config.init_from={run("sft")}', '--config.peft.method=lora',
+                       f'--config.peft.targets={LORA_TARGETS}', '--config.peft.rank=8',
                        f'--config.post.train_file={paths["pairs"]}', '--config.post.beta=0.1',
                        '--config.post.chosen_nll_coef=0.5', f'--config.steps={scale(300)}',
-                       '--config.batch_size=16', '--config.optimizer.learning_rate=5e-4'],
+                       '--config.batch_size=16', '--config.optimizer.learning_rate=1e-3'],
       'ppo': common + [f'--workdir={run("ppo")}', '--config.task=ppo',
                        f'--config.init_from={run("sft")}', '--config.peft.method=none',
                        f'--config.post.train_file={paths["prompts"]}',
