@@ -204,6 +204,26 @@ def test_eval_split_is_by_identity_not_position(corpus, tmp_path):
   assert len(sources.split_eval(docs[:3], 0.001)[1]) == 1  # at least one held out
 
 
+@pytest.mark.parametrize('kind', ['txt', 'jsonl'])
+def test_moving_a_dataset_keeps_its_split(tmp_path, kind):
+  # Documents are keyed relative to the source's fixed directory, not by absolute path.
+  splits = []
+  for place in ('here', 'there/deeper'):
+    directory = tmp_path / place / 'corpus'
+    directory.mkdir(parents=True)
+    if kind == 'txt':
+      for i in range(40):
+        (directory / f'd{i:03d}.txt').write_text(_doc_text(i))
+      spec = str(directory / '*.txt')
+    else:
+      (directory / 'docs.jsonl').write_text(
+          ''.join(json.dumps({'text': _doc_text(i)}) + '\n' for i in range(40)))
+      spec = str(directory / 'docs.jsonl')
+    docs = load_sources(_config(spec).data)[0].docs
+    splits.append([sources.read_document(r, 'text') for r in sources.split_eval(docs, 0.2)[1]])
+  assert splits[0] and splits[0] == splits[1]
+
+
 def test_eval_batches_deterministic_and_capped(corpus, tok):
   config = _config(corpus, eval_fraction=0.5)
   batches = make_eval_batches(config, tok)

@@ -86,6 +86,16 @@ def stdlib_paths() -> list[str]:
   return sorted(paths)
 
 
+def _glob_root(pattern: str) -> str:
+  """The directory a source spec's paths are keyed relative to: the pattern's leading directories
+  without a wildcard (a plain file's directory), so moving a dataset keeps its held-out split."""
+  parts = os.path.expanduser(pattern).split(os.sep)
+  first_wild = next((i for i, p in enumerate(parts) if any(c in p for c in '*?[')),
+                    len(parts) - 1)
+  root = os.sep.join(parts[:first_wild])
+  return root or (os.sep if pattern.startswith(os.sep) else os.curdir)
+
+
 def _glob_files(pattern: str) -> list[str]:
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                  if os.path.isfile(p))
@@ -119,8 +129,8 @@ def _jsonl_text(raw: bytes, path: str, line: int, text_field: str) -> str:
   return record[text_field]
 
 
-def _list_jsonl(path, source_index, text_field, skip, skipped):
-  """Yields a DocRef per non-blank line of one JSONL file, checking each line."""
+def _list_jsonl(path, key, source_index, text_field, skip, skipped):
+  """Yields a DocRef per non-blank line of one JSONL file (keyed `key:line`), checking each line."""
   try:
     f = open(path, 'rb')
   except OSError as e:
@@ -138,7 +148,7 @@ def _list_jsonl(path, source_index, text_field, skip, skipped):
           raise
         skipped.append(str(e))
         continue
-      yield DocRef(source_index, path, line_no, start, f'{path}:{line_no}')
+      yield DocRef(source_index, path, line_no, start, f'{key}:{line_no}')
 
 
 def _list_files(paths, source_index, key_fn, skip, skipped):
@@ -163,10 +173,14 @@ def list_source(name: str, weight: float, source_index: int, text_field: str,
                             skip, skipped))
   elif name.endswith('.jsonl'):
     docs = []
+    root = _glob_root(name)
     for path in _glob_files(name):
-      docs.extend(_list_jsonl(path, source_index, text_field, skip, skipped))
+      docs.extend(_list_jsonl(path, os.path.relpath(path, root), source_index, text_field, skip,
+                              skipped))
   else:
-    docs = list(_list_files(_glob_files(name), source_index, lambda p: p, skip, skipped))
+    root = _glob_root(name)
+    docs = list(_list_files(_glob_files(name), source_index, lambda p: os.path.relpath(p, root),
+                            skip, skipped))
   if skipped:
     _log.warning('data.source %r: skipped %d bad documents (data.on_bad_input=skip), e.g.: %s',
                  name, len(skipped), '; '.join(skipped[:_WARN_FIRST]))
