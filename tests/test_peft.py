@@ -92,6 +92,37 @@ def test_scan_layers_lora_and_dora():
     np.testing.assert_allclose(got, forward(cfg, base, *_inputs())[0], atol=1e-6)
 
 
+@pytest.mark.parametrize('method', ['lora', 'dora', 'vera', 'lora_fa'])
+@pytest.mark.parametrize('scan', [False, True])
+def test_attached_factors_equal_the_adapted_weights(method, scan):
+  # `attach` (factors applied inside each layer) == the model read with `effective_params`:
+  # logits and adapter gradients, with dropout, a bfloat16 base and the output head adapted.
+  cfg = CFG.__class__(**{**CFG.__dict__, 'scan_layers': scan})
+  base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _base(cfg))
+  peft = lora.PeftConfig(method=method, rank=4, dropout=0.25,
+                         targets=r'attn/(q|k|v|o)$|mlp/(gate|up|down)$|lm_head')
+  adapters = _randomise_b(lora.init_adapters(peft, _base(cfg), jax.random.key(1), stacked=scan))
+  assert 'lm_head' in adapters
+  rng = jax.random.key(5)
+
+  def loss(adapt, adapters):
+    logits = _forward(cfg, adapt(peft, base, adapters, rng, scan), *_inputs())[0]
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+  (want, want_logits), want_grads = jax.value_and_grad(
+      lambda a: loss(lora.effective_params, a), has_aux=True)(adapters)
+  (got, got_logits), got_grads = jax.value_and_grad(
+      lambda a: loss(lora.attach, a), has_aux=True)(adapters)
+  attached = traverse_util.flatten_dict(lora.attach(peft, base, adapters, rng, scan))
+  assert any(len(p) > 1 and p[-2] == 'q_lora' for p in attached)
+  assert ('lm_head_lora', 'a') in attached
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(got_grads))
+
+
 def _config(**peft):
   c = base_config()
   c.task = 'sft'

@@ -10,11 +10,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.models.quantized import dequantize_weight, is_quantized_leaf
+
 
 def param_with_axes(module: nn.Module, name: str, shape, axes, std: float, dtype):
-  """A parameter initialised N(0, std^2) and annotated with logical axis names."""
-  init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
-  return module.param(name, init, shape, dtype)
+  """A parameter initialised N(0, std^2) and annotated with logical axis names. Inside the layer
+  it also decodes a quantised weight (`models.quantized`) and applies low-rank adapter factors
+  stored next to it as `NAME_lora` (`lmjax.peft.lora.attach`, `low_rank_adapted`), so neither
+  ever makes a float copy of the whole model."""
+  stored = module.get_variable('params', name) if module.has_variable('params', name) else None
+  if is_quantized_leaf(stored):  # a quantised frozen weight (lmjax.peft.quant), decoded here
+    w = dequantize_weight(stored, shape, jnp.float32)
+  else:
+    init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+    w = module.param(name, init, shape, dtype)
+  if module.has_variable('params', name + '_lora'):
+    w = low_rank_adapted(w, module.get_variable('params', name + '_lora'))
+  return w
+
+
+def low_rank_adapted(w, factors):
+  """w + a @ b as an (in, out) matrix ('a': (in, r), 'b': (r, out)), in float32 (also for a
+  bfloat16 weight); with DoRA's magnitudes 'm' (out,) each column is rescaled to its magnitude."""
+  a_IR, b_RO = factors['a'], factors['b']
+  new_IO = (w.reshape(a_IR.shape[0], b_RO.shape[1]).astype(jnp.float32)
+            + jnp.einsum('ir,ro->io', a_IR, b_RO))
+  if 'm' in factors:
+    norm_1O = jax.lax.stop_gradient(jnp.linalg.norm(new_IO, axis=0, keepdims=True))
+    new_IO = new_IO * (factors['m'][None, :] / norm_1O)
+  dtype = jnp.float32 if w.dtype == jnp.bfloat16 else w.dtype
+  return new_IO.reshape(w.shape).astype(dtype)
 
 
 def constrain(x, axes):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from lmjax.models.layers import RMSNorm, constrain
+from lmjax.models.layers import RMSNorm, constrain, low_rank_adapted
 from lmjax.models.transformer import _REMAT_POLICIES, Block, ModelConfig
 
 PIPELINE_AXIS = 'pipeline'
@@ -142,6 +142,8 @@ def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, *
   y_TD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype).apply(
       {'params': params['final_norm']}, y_TD)
   head_DV = embed_VD.T if cfg.tie_embeddings else params['lm_head']
+  if 'lm_head_lora' in params:  # low-rank factors attached by `lmjax.peft.lora.attach`
+    head_DV = low_rank_adapted(head_DV, params['lm_head_lora'])
   logits_TV = jnp.dot(y_TD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
   logits_BLV = constrain(logits_TV.reshape(batch, length, cfg.vocab_size),
                          ('act_batch', 'act_len', 'act_vocab'))

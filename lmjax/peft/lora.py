@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 LOW_RANK_METHODS = ('lora', 'dora', 'vera', 'lora_fa')
+ATTACHED_SUFFIX = '_lora'  # `attach`: factors stored next to their weight, applied in the layer
 # 'bottleneck', 'prefix', 'prompt', 'p_tuning' act inside the forward pass: `lmjax.peft.hooks`
 METHODS = ('none',) + LOW_RANK_METHODS + ('bottleneck', 'prefix', 'prompt', 'p_tuning')
 # leaf name -> number of input dims after the lead dims
@@ -131,26 +132,33 @@ def _vera_projections(cfg: PeftConfig, n_in: int, n_out: int):
   return a, b
 
 
-def _delta(cfg: PeftConfig, leaves: dict, lead, n_in: int, n_out: int, rng=None):
-  """scale * A @ B as an (lead, in, out) float32 matrix."""
+def low_rank_factors(cfg: PeftConfig, path, w_shape, leaves: dict, stacked: bool, rng=None):
+  """(a (lead, in, r), b (lead, r, out)) in float32 whose product is the weight delta: scale * A @ B
+  (LoRA, LoRA-FA with A frozen, DoRA's direction update), or VeRA's (A * d) @ (B * b)."""
+  _, n_in, out_shape = _split_shape(path, w_shape, stacked)
   if cfg.method == 'vera':
-    a, b = _vera_projections(cfg, n_in, n_out)
-    ad = a * leaves['d'][..., None, :]  # (lead, in, r)
-    return jnp.einsum('...ir,ro->...io', ad, b) * leaves['b'][..., None, :]
+    a, b = _vera_projections(cfg, n_in, math.prod(out_shape))
+    return a * leaves['d'][..., None, :], b * leaves['b'][..., None, :]
   a = leaves['a'].astype(jnp.float32)
   if cfg.method == 'lora_fa':
     a = jax.lax.stop_gradient(a)
   if rng is not None and cfg.dropout > 0:
     keep = jax.random.bernoulli(rng, 1.0 - cfg.dropout, a.shape[:-1] + (1,))
     a = jnp.where(keep, a / (1.0 - cfg.dropout), 0.0)
-  return cfg.scale * jnp.einsum('...ir,...ro->...io', a, leaves['b'].astype(jnp.float32))
+  return a, cfg.scale * leaves['b'].astype(jnp.float32)
+
+
+def _delta(cfg: PeftConfig, path, w_shape, leaves: dict, stacked: bool, rng=None):
+  """The weight delta as a (lead, in, out) float32 matrix."""
+  a, b = low_rank_factors(cfg, path, w_shape, leaves, stacked, rng)
+  return jnp.einsum('...ir,...ro->...io', a, b)
 
 
 def _adapted(cfg: PeftConfig, path, w, leaves, stacked, rng=None):
   lead, n_in, out_shape = _split_shape(path, w.shape, stacked)
   n_out = math.prod(out_shape)
   w_IO = w.reshape(lead + (n_in, n_out)).astype(jnp.float32)
-  new_IO = w_IO + _delta(cfg, leaves, lead, n_in, n_out, rng)
+  new_IO = w_IO + _delta(cfg, path, w.shape, leaves, stacked, rng)
   if cfg.method == 'dora':
     norm = jax.lax.stop_gradient(jnp.linalg.norm(new_IO, axis=-2, keepdims=True))
     new_IO = new_IO * (leaves['m'][..., None, :] / norm)
@@ -183,6 +191,25 @@ def effective_params(cfg: PeftConfig, base, adapters, rng=None, stacked: bool = 
   return traverse_util.unflatten_dict(flat)
 
 
+def attach(cfg: PeftConfig, base, adapters, rng=None, stacked: bool = False, shapes=None):
+  """`base` with each adapted weight's factors next to it as `NAME_lora` = {'a', 'b'} (+ DoRA's
+  'm'). The Transformer applies them inside the layer (`models.layers.param_with_axes`), so the
+  adapted weights exist one layer at a time, never as a second copy of the whole model; the result
+  equals the model read with `effective_params` (the same factors, dropout masks and rounding).
+  `shapes` ({path: shape}) gives the shapes of weights stored in another form (quantised)."""
+  if not cfg.low_rank or not adapters:
+    return base
+  flat = dict(traverse_util.flatten_dict(base))
+  for i, (path, leaves) in enumerate(sorted(_grouped(adapters).items())):
+    key = None if rng is None else jax.random.fold_in(rng, i)
+    shape = flat[path].shape if path in flat else shapes[path]
+    a, b = low_rank_factors(cfg, path, shape, leaves, stacked, key)
+    factors = {'a': a, 'b': b, **({'m': leaves['m']} if cfg.method == 'dora' else {})}
+    for name, value in factors.items():
+      flat[path[:-1] + (path[-1] + ATTACHED_SUFFIX, name)] = value
+  return traverse_util.unflatten_dict(flat)
+
+
 def merge(cfg: PeftConfig, base, adapters, stacked: bool = False):
   """Base weights with the adapters folded in (the base dtype is kept)."""
   if cfg.enabled and not cfg.low_rank:
@@ -205,8 +232,7 @@ def unmerge(cfg: PeftConfig, merged, adapters, stacked: bool = False):
   flat = dict(traverse_util.flatten_dict(merged))
   for path, leaves in _grouped(adapters).items():
     w = flat[path]
-    lead, n_in, out_shape = _split_shape(path, w.shape, stacked)
-    delta = _delta(cfg, leaves, lead, n_in, math.prod(out_shape))
+    delta = _delta(cfg, path, w.shape, leaves, stacked)
     flat[path] = (w.astype(jnp.float32) - delta.reshape(w.shape)).astype(w.dtype)
   return traverse_util.unflatten_dict(flat)
 

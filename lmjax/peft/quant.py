@@ -29,17 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from lmjax.models.quantized import (NF4_LEVELS, dequantize_weight, is_quantized_leaf,
+                                    unpack_nibbles)
 from lmjax.peft import lora
 
 QUANT_DTYPES = ('int8', 'nf4')
 BLOCK = 64
 REST_DTYPE = jnp.bfloat16
-# The 16 NormalFloat-4 levels of QLoRA (Dettmers et al. 2023, bitsandbytes' NF4 table).
-NF4_LEVELS = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 _NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
 
 
@@ -73,11 +69,6 @@ def pack_nibbles(codes):
   return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
-def unpack_nibbles(packed):
-  lo, hi = packed & 0xF, packed >> 4
-  return jnp.stack([lo, hi], axis=-1).reshape(packed.shape[:-1] + (packed.shape[-1] * 2,))
-
-
 def nf4_codes(x):
   """Index of the NF4 level nearest to each x (x in [-1, 1])."""
   mid = jnp.asarray(_NF4_MIDPOINTS)
@@ -105,20 +96,10 @@ def quantize(w, fmt: str, path: tuple, stacked: bool = False) -> dict:
 
 def dequantize(leaf: dict, path: tuple, stacked: bool = False, dtype=jnp.float32):
   """The float weight a quantised leaf stands for (`path` is the weight's own path)."""
-  if 'int8' in leaf:
-    values = leaf['int8'].astype(jnp.float32)
-  else:
-    values = jnp.asarray(NF4_LEVELS)[unpack_nibbles(leaf['nf4']).astype(jnp.int32)]
-  shape = values.shape
-  lead, n_in, out_shape, bs = _blocks(path, shape, stacked)
-  n_out = math.prod(out_shape)
-  scale = leaf['absmax'].reshape(lead + (n_in // bs, 1, n_out))
-  w = values.reshape(lead + (n_in // bs, bs, n_out)) * scale
-  return w.reshape(shape).astype(dtype)
-
-
-def _is_quant_leaf(leaf) -> bool:
-  return isinstance(leaf, dict) and 'absmax' in leaf and ('int8' in leaf or 'nf4' in leaf)
+  codes = leaf['int8'] if 'int8' in leaf else leaf['nf4']
+  shape = codes.shape[:-1] + (codes.shape[-1] * (1 if 'int8' in leaf else 2),)
+  lead, _, _ = lora._split_shape(path, shape, stacked)  # pylint: disable=protected-access
+  return dequantize_weight(leaf, shape[len(lead):], dtype)
 
 
 def quantize_leaf(path: tuple, value, fmt: str, stacked: bool):
@@ -150,7 +131,7 @@ def dequantize_tree(tree, stacked: bool = False, dtype=jnp.float32):
     else:
       out[path] = x
   for path, leaf in groups.items():
-    if not _is_quant_leaf(leaf):  # a base leaf that happens to have such a name
+    if not is_quantized_leaf(leaf):  # a base leaf that happens to have such a name
       out.update({path + (k,): v for k, v in leaf.items()})
       continue
     out[path] = dequantize(leaf, path, stacked, dtype)
@@ -159,3 +140,11 @@ def dequantize_tree(tree, stacked: bool = False, dtype=jnp.float32):
 
 def has_quantized(tree) -> bool:
   return any(p[-1] in QUANT_DTYPES for p in traverse_util.flatten_dict(tree or {}))
+
+
+def weight_shapes(tree, stacked: bool = False) -> dict:
+  """{path: shape} of every quantised weight of `tree`, as it decodes (nothing is computed)."""
+  decoded = jax.eval_shape(lambda t: dequantize_tree(t, stacked), tree)
+  stored = traverse_util.flatten_dict(tree or {})
+  return {p: x.shape for p, x in traverse_util.flatten_dict(decoded or {}).items()
+          if p not in stored}

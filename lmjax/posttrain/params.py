@@ -175,13 +175,25 @@ def _base_model(task: Task, params, dtype=None):
   return _deep_merge(frozen, params['trainable'].get('model', {}))
 
 
-def model_params(task: Task, params, rng=None, adapters: bool = True):
-  """The plain params tree the Transformer reads (adapters applied unless `adapters=False`).
-  In-model methods leave it as the base: pass `model_peft(task, params)` to the forward pass."""
-  base = _base_model(task, params)
+def model_params(task: Task, params, rng=None, adapters: bool = True, merged: bool = False):
+  """The params tree the Transformer reads (adapters applied unless `adapters=False`).
+
+  Low-rank adapters are attached next to their weights (`lora.attach`) and a quantised frozen
+  base stays quantised: the model applies and decodes them inside each layer, so no float copy of
+  the whole model is built. `merged=True` builds the adapted, decoded weights once instead, for
+  decoding many steps with the same weights. In-model methods leave it as the base: pass
+  `model_peft(task, params)` to the forward pass."""
+  stacked = task.model.scan_layers
+  if merged:
+    base = _base_model(task, params)
+    if adapters and task.peft.low_rank:
+      return lora.effective_params(task.peft, base, adapters_of(params), rng, stacked)
+    return base
+  frozen = params['frozen'].get('model', {})
+  base = _deep_merge(frozen, params['trainable'].get('model', {}))
   if adapters and task.peft.low_rank:
-    return lora.effective_params(task.peft, base, adapters_of(params), rng,
-                                 task.model.scan_layers)
+    return lora.attach(task.peft, base, adapters_of(params), rng, stacked,
+                       quant.weight_shapes(frozen, stacked))
   return base
 
 

@@ -164,7 +164,7 @@ def update_step(task, state, mb, tx, width, kl_coef):
 
 
 def _policy_params(task, params):
-  return params_lib.model_params(task, params)
+  return params_lib.model_params(task, params, merged=True)  # decoded step after step
 
 
 def _load_reward(post):
