@@ -1,8 +1,12 @@
 """Low-rank adapters as pytree transforms: LoRA, rsLoRA, DoRA, VeRA and LoRA-FA.
 
-The model never sees an adapter: `effective_params(cfg, base, adapters)` returns the plain params
-tree the Transformer reads (W + scale * A @ B, ...), computed inside the jitted step, so the base
-params tree is untouched and gradients flow only to the adapter leaves.
+The adapters never change the base tree; gradients flow only to the adapter leaves. Two views give
+the Transformer the adapted weights W + a @ b (a, b from `low_rank_factors`: scale * A @ B, ...):
+  attach(cfg, base, adapters)            the factors next to each weight as `NAME_lora`; the model
+                                         applies them inside the layer (training: no adapted copy
+                                         of the whole model in memory)
+  effective_params(cfg, base, adapters)  the adapted weights built once, as a plain tree
+                                         (decoding; the reference the tests hold `attach` to)
 
 A weight of shape `lead + in_shape + out_shape` (lead = the stacked layer axis under scan) is seen
 as an (in, out) matrix: q/k/v (D, H, Dh) -> (D, H*Dh); o (H, Dh, D) -> (H*Dh, D); MLP and lm_head
