@@ -63,11 +63,20 @@ def _restore_args(abstract):
                               global_shape=abstract.shape)
 
 
+def save_tree(directory: str, tree) -> None:
+  """Writes a pytree of arrays to `directory` (synchronously)."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), tree, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_tree(directory: str, abstract_tree=None):
+  return ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract_tree)
+
+
 def save_params(workdir: str, params) -> None:
   """Writes params alone to `workdir/params` (used by conversion and export)."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(os.path.abspath(workdir), 'params'), params, force=True)
-  checkpointer.wait_until_finished()
+  save_tree(os.path.join(workdir, 'params'), params)
 
 
 def load_params(workdir: str, abstract_params):
@@ -87,4 +96,4 @@ def load_params(workdir: str, abstract_params):
   params_dir = os.path.join(workdir, 'params')
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f'{workdir}: no checkpoint (checkpoints/ or params/) to load')
-  return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
+  return load_tree(params_dir, abstract_params)

@@ -27,7 +27,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-METHODS = ('bottleneck', 'prefix', 'prompt', 'p_tuning')
+from lmjax.config import PEFT_IN_MODEL
+
+METHODS = PEFT_IN_MODEL
 VIRTUAL_TOKEN_METHODS = ('prefix', 'prompt', 'p_tuning')
 
 

@@ -28,10 +28,12 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-LOW_RANK_METHODS = ('lora', 'dora', 'vera', 'lora_fa')
+from lmjax.config import PEFT_LOW_RANK, choices
+
+LOW_RANK_METHODS = PEFT_LOW_RANK
 ATTACHED_SUFFIX = '_lora'  # `attach`: factors stored next to their weight, applied in the layer
 # 'bottleneck', 'prefix', 'prompt', 'p_tuning' act inside the forward pass: `lmjax.peft.hooks`
-METHODS = ('none',) + LOW_RANK_METHODS + ('bottleneck', 'prefix', 'prompt', 'p_tuning')
+METHODS = choices('peft.method')
 # leaf name -> number of input dims after the lead dims
 _IN_DIMS = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'lm_head': 1}
 TARGET_ALIASES = {

@@ -5,8 +5,61 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+
+def throughput(steps: int, seconds: float, trained_tokens: int, forward_tokens: int,
+               flops_per_token: float, peak_flops: float) -> dict:
+  """tokens/s (tokens trained per second) and MFU over `steps` steps that took `seconds`:
+  trained tokens count `flops_per_token` (forward + backward), forward-only tokens (reference,
+  rollout and scoring passes) a third of it; MFU = achieved FLOP/s / `peak_flops`."""
+  seconds = max(seconds, 1e-9)
+  flops = steps * (trained_tokens + forward_tokens / 3) * flops_per_token
+  return {'tokens_per_second': steps * trained_tokens / seconds,
+          'mfu': flops / seconds / peak_flops}
+
+
+class PhaseClock:
+  """Wall time of each phase of a step (the task's experience phases, then 'update'), and totals
+  over the steps after this process's first (which compiles every program)."""
+
+  def __init__(self, phases, clock):
+    self.phases = (*phases, 'update')
+    self._clock = clock
+    self.last = dict.fromkeys(self.phases, 0.0)
+    self.totals = dict.fromkeys(self.phases, 0.0)
+    self.steps = 0
+    self._mark = clock()
+
+  def start(self):
+    self._mark = self._clock()
+
+  def lap(self, phase: str, *outputs):
+    """Ends `phase` once `outputs` are computed."""
+    jax.block_until_ready(outputs)
+    now = self._clock()
+    self.last[phase], self._mark = now - self._mark, now
+
+  def finish(self) -> dict:
+    """Closes the step; its metrics."""
+    if self.steps > 0:
+      for phase in self.phases:
+        self.totals[phase] += self.last[phase]
+    self.steps += 1
+    return {**{f'time/{p}_s': self.last[p] for p in self.phases},
+            **{f'time/{p}_total_s': self.totals[p] for p in self.phases}}
+
+  def summary(self) -> dict:
+    """Totals and fractions after the first step (the first one alone if it is the only)."""
+    first_only = self.steps == 1
+    totals = self.last if first_only else self.totals
+    overall = sum(totals.values())
+    return {'timed_iterations': 1 if first_only else max(self.steps - 1, 0),
+            'timing_includes_compile': first_only,
+            **{f'time_{p}_s': totals[p] for p in self.phases},
+            **{f'{p}_fraction': totals[p] / overall if overall > 0 else None for p in self.phases}}
 
 
 class MetricsWriter:
@@ -56,8 +109,3 @@ def _plain(value):
   if hasattr(value, 'item'):
     value = value.item()
   return value
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]

@@ -1,6 +1,6 @@
-"""The post-training task description and its params layout.
+"""The params layout of the fine-tuning tasks (sft, reward, dpo, ppo): a frozen base, what trains.
 
-A post-training state holds `params = {'trainable': {...}, 'frozen': {...}}`; only `trainable`
+A fine-tuning state holds `params = {'trainable': {...}, 'frozen': {...}}`; only `trainable`
 is differentiated and has optimizer state.
   trainable['model']     base leaves that train (all of them in full fine-tuning, minus
                          `peft.freeze_patterns`; only `peft.train_patterns` with adapters)
@@ -18,9 +18,6 @@ is differentiated and has optimizer state.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import re
 
 import flax.linen as nn
@@ -28,75 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lmjax.models.transformer import ModelConfig, init_params
 from lmjax.peft import hooks, lora, quant
-
-TASKS = ('pretrain', 'sft', 'reward', 'dpo', 'ppo')
-
-
-@dataclasses.dataclass(frozen=True)
-class PostConfig:
-  """The `post` config group as hashable static data."""
-  train_file: str = ''
-  pack: bool = True
-  beta: float = 0.1
-  loss_type: str = 'sigmoid'
-  label_smoothing: float = 0.0
-  chosen_nll_coef: float = 0.0
-  margin: float = 0.0
-  center_coef: float = 0.0
-  kto_desirable_weight: float = 1.0
-  kto_undesirable_weight: float = 1.0
-  reward_model: str = ''
-  toy_reward_token: int = -1
-  rollout_batch: int = 8
-  ppo_epochs: int = 2
-  minibatches: int = 2
-  kl_coef: float = 0.05
-  kl_estimator: str = 'k1'
-  target_kl: float = 0.0
-  clip_eps: float = 0.2
-  value_clip: float = 0.2
-  value_coef: float = 0.5
-  entropy_coef: float = 0.0
-  gamma: float = 1.0
-  lam: float = 0.95
-  advantage: str = 'gae'
-  group_size: int = 4
-  max_new_tokens: int = 16
-  temperature: float = 1.0
-  whiten_advantages: bool = True
-
-  @classmethod
-  def from_config(cls, post_config) -> 'PostConfig':
-    return cls(**dict(post_config))
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  name: str
-  model: ModelConfig
-  peft: lora.PeftConfig
-  post: PostConfig
-
-  @property
-  def needs_reference(self) -> bool:
-    return self.name == 'ppo' or (self.name == 'dpo' and self.post.loss_type != 'orpo')
-
-
-def task_from_config(config) -> Task | None:
-  """The task of a config; None for plain pretraining."""
-  if config.task == 'pretrain':
-    return None
-  return Task(config.task, ModelConfig.from_config(config.model),
-              lora.PeftConfig.from_config(config.peft), PostConfig.from_config(config.post))
-
 
 def _matches(pattern: str, path) -> bool:
   return bool(pattern) and re.search(pattern, lora.path_name(path)) is not None
 
 
-def split_model(task: Task, model_params):
+def split_model(task, model_params):
   """(trainable, frozen) halves of the base params (nested dicts, either may be empty)."""
   flat = traverse_util.flatten_dict(model_params)
   if task.peft.enabled:
@@ -114,7 +49,7 @@ def split_model(task: Task, model_params):
   return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
 
-def _stored_base(task: Task, frozen_model):
+def _stored_base(task, frozen_model):
   """The frozen base as the model will read it (dequantised, float32), plain arrays."""
   return quant.dequantize_tree(nn.unbox(frozen_model), task.model.scan_layers, jnp.float32)
 
@@ -123,7 +58,7 @@ def _head(d_model: int):
   return {'w': jnp.zeros((d_model,), jnp.float32), 'b': jnp.zeros((), jnp.float32)}
 
 
-def build_params(task: Task, model_params, rng):
+def build_params(task, model_params, rng):
   """The post-training params tree around (possibly boxed) base params."""
   plain = nn.unbox(model_params)
   trainable_model, frozen_model = split_model(task, model_params)
@@ -144,10 +79,8 @@ def build_params(task: Task, model_params, rng):
           {p: v for p, v in flat.items() if p[-1] == 'a'})
       adapters = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] != 'a'})
     trainable['adapters'] = adapters
-  if task.name == 'reward':
-    trainable['head'] = _head(task.model.d_model)
-  if task.name == 'ppo':
-    trainable['value'] = _head(task.model.d_model)
+  for name in task.heads:  # scalar heads: reward model ('head'), PPO's value head ('value')
+    trainable[name] = _head(task.model.d_model)
   if task.needs_reference and not task.peft.enabled:
     frozen['ref'] = model_params
   return {'trainable': trainable, 'frozen': frozen}
@@ -164,7 +97,7 @@ def adapters_of(params) -> dict:
   return _deep_merge(params['frozen'].get('adapters', {}), params['trainable'].get('adapters', {}))
 
 
-def _base_model(task: Task, params, dtype=None):
+def _base_model(task, params, dtype=None):
   """The base tree (frozen and trainable leaves); a quantised (int8 / nf4) frozen base comes back
   dequantised to `dtype` (default: bfloat16 under a bfloat16 model.dtype, else float32)."""
   frozen = params['frozen'].get('model', {})
@@ -175,7 +108,7 @@ def _base_model(task: Task, params, dtype=None):
   return _deep_merge(frozen, params['trainable'].get('model', {}))
 
 
-def model_params(task: Task, params, rng=None, adapters: bool = True, merged: bool = False):
+def model_params(task, params, rng=None, adapters: bool = True, merged: bool = False):
   """The params tree the Transformer reads (adapters applied unless `adapters=False`).
 
   Low-rank adapters are attached next to their weights (`lora.attach`) and a quantised frozen
@@ -197,7 +130,7 @@ def model_params(task: Task, params, rng=None, adapters: bool = True, merged: bo
   return base
 
 
-def model_peft(task: Task, params):
+def model_peft(task, params):
   """The `peft` argument of `forward` (in-model methods: bottleneck, prefix, prompt, p_tuning);
   None for the other methods, whose adapters `model_params` already applies."""
   if not hooks.is_hook_method(task.peft.method):
@@ -205,19 +138,17 @@ def model_peft(task: Task, params):
   return hooks.model_peft(task.peft, adapters_of(params))
 
 
-def reference_params(task: Task, params):
+def reference_params(task, params):
   """The frozen reference policy: a stored copy, or the base with the adapters off."""
   if 'ref' in params['frozen']:
     return params['frozen']['ref']
   return jax.lax.stop_gradient(model_params(task, params, adapters=False))
 
 
-def merged_model_params(task: Task | None, params):
+def merged_model_params(task, params):
   """Base params with adapters folded in, in the base's storage dtype (for export; a quantised
   base exports float weights, in model.param_dtype).
   Raises ValueError for in-model methods (bottleneck / prefix / prompt / p_tuning)."""
-  if task is None:
-    return params
   if hooks.is_hook_method(task.peft.method):
     raise hooks.merge_error(task.peft.method)
   if quant.is_quantized(task.peft.base_dtype):  # merged into the dequantised weights: a float
@@ -230,7 +161,7 @@ def merged_model_params(task: Task | None, params):
   return lora.merge(task.peft, base, adapters_of(params), task.model.scan_layers)
 
 
-def place_model(task: Task, params, loaded_model):
+def place_model(task, params, loaded_model):
   """`params` with its base (and reference) replaced by `loaded_model` (plain arrays)."""
   trainable_model, frozen_model = split_model(task, loaded_model)
   trainable, frozen = dict(params['trainable']), dict(params['frozen'])
@@ -249,99 +180,3 @@ def place_model(task: Task, params, loaded_model):
     trainable['adapters'] = traverse_util.unflatten_dict(adapters)
   new = {'trainable': trainable, 'frozen': frozen}
   return jax.tree.map(lambda n, o: jax.device_put(n.astype(o.dtype), o.sharding), new, params)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a model from any workdir (pretrain, params export, or a post-training run)
-# ---------------------------------------------------------------------------------------------
-
-
-def read_config(workdir: str):
-  from lmjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return config_lib.from_json(f.read())
-
-
-def abstract_post_params(task: Task):
-  """Shapes of a task's params tree on one device (for restoring)."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes = jax.eval_shape(lambda: nn.unbox(build_params(
-      task, init_params(task.model, jax.random.key(0)), jax.random.key(0))))
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
-
-
-def load_post_params(workdir: str, config=None):
-  """(task or None, params) of a workdir: the post-training tree, or plain model params."""
-  from lmjax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  config = config if config is not None else read_config(workdir)
-  if config is None:
-    raise FileNotFoundError(f'{workdir}: no config.json')
-  task = task_from_config(config)
-  if task is None:
-    model_cfg = ModelConfig.from_config(config.model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(lambda: nn.unbox(init_params(model_cfg, jax.random.key(0))))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            shapes)
-    return None, checkpoint_lib.load_params(workdir, abstract)
-  return task, checkpoint_lib.load_params(workdir, abstract_post_params(task))
-
-
-def load_model_params(workdir: str, config=None):
-  """Plain (merged) model params from any lmjax workdir. An in-model PEFT run (bottleneck,
-  prefix, prompt, p_tuning) cannot merge: its base comes with a `peft` entry the Transformer
-  reads (for sampling, scoring, evaluation)."""
-  task, params = load_post_params(workdir, config)
-  if task is not None and hooks.is_hook_method(task.peft.method):
-    return dict(model_params(task, params), peft=model_peft(task, params))
-  return merged_model_params(task, params)
-
-
-def init_from(task: Task, source: str, state, abstract_state=None):
-  """`state` with the base model loaded from `source` (any workdir; adapters merged)."""
-  del abstract_state
-  loaded = load_model_params(source)
-  if 'peft' in loaded:
-    raise ValueError(f'init_from: {source} holds an in-model PEFT run (bottleneck / prefix / '
-                     'prompt / p_tuning) that cannot be merged into base weights; start from its '
-                     'base model instead')
-  return state.replace(params=place_model(task, state.params, loaded))
-
-
-def save_adapters(directory: str, task: Task, params) -> None:
-  """Adapter (and head) leaves alone, plus `peft.json`: a small orbax dir."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  small = {k: v for k, v in params['trainable'].items() if k not in ('model', 'adapters')}
-  if task.peft.enabled:
-    small['adapters'] = adapters_of(params)
-  directory = os.path.abspath(directory)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, 'adapters'), small, force=True)
-  checkpointer.wait_until_finished()
-  with open(os.path.join(directory, 'peft.json'), 'w', encoding='utf-8') as f:
-    json.dump(dataclasses.asdict(task.peft), f, indent=2, sort_keys=True)
-
-
-def load_adapters(directory: str, abstract_small=None):
-  """(PeftConfig, adapter tree) written by `save_adapters`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, 'peft.json'), encoding='utf-8') as f:
-    cfg = lora.PeftConfig(**json.load(f))
-  path = os.path.join(directory, 'adapters')
-  small = ocp.StandardCheckpointer().restore(path, abstract_small)
-  return cfg, small
-
-
-def state_shardings(boxed_state, tx, mesh, config):
-  """Shardings of a post-training TrainState: the optimizer state follows params['trainable'],
-  the frozen tree is laid out like parameters."""
-  from lmjax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  params_rules, opt_rules = mesh_lib.rules(config)
-  view = mesh_lib.state_shardings(boxed_state.replace(params=boxed_state.params['trainable']), tx,
-                                  mesh, params_rules, opt_rules)
-  frozen = mesh_lib.logical_shardings(boxed_state.params['frozen'], mesh, params_rules)
-  return view.replace(params={'trainable': view.params, 'frozen': frozen})

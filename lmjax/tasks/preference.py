@@ -1,56 +1,28 @@
-"""Post-training tasks for the one training loop: data iterator, loss sums and optimizer.
+"""Preference tasks: reward models (Bradley-Terry) and the DPO family (DPO, IPO, hinge, ORPO, KTO).
 
-`loss_sums(task, params, batch, rng)` returns the same sums contract as pretraining
-(`losses.cross_entropy`): 'loss' (what is differentiated), 'nll' (the reported loss), 'z' and
-'weight' (the denominator), plus any metric sums, which the train step divides by 'weight'.
-  sft     token-weighted cross-entropy on response tokens (weight = response tokens)
-  reward  Bradley-Terry on a scalar head over the last non-padding token (weight = pairs)
+Each loss is a mean over pairs (or examples), returned as sums with weight = pairs (see
+`lmjax.tasks.base`).
+  reward  Bradley-Terry on a scalar head over the last non-padding token
   dpo     `post.loss_type` sigmoid | ipo | hinge (DPO family, reference = frozen base or the
           base with adapters off; `post.chosen_nll_coef` adds the chosen responses' per-token
-          NLL: RPO), orpo (no reference) or kto (weight = pairs). KTO on a paired
-          file treats chosen rows as desirable and rejected rows as undesirable; on an unpaired
-          file (`desirable` in the batch) its reference point z0 is the batch mean of
-          policy - reference log-prob on the mismatched `kl_` rows (weight = examples)
+          NLL: RPO), orpo (no reference) or kto. KTO on a paired file treats chosen rows as
+          desirable and rejected rows as undesirable; on an unpaired file (`desirable` in the
+          batch) its reference point z0 is the batch mean of policy - reference log-prob on the
+          mismatched `kl_` rows
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lmjax import losses
+from lmjax.data import preference as preference_data
 from lmjax.models.transformer import forward, forward_hidden
-from lmjax.optim import make_optimizer as make_base_optimizer
-from lmjax.peft import lora
-from lmjax.posttrain import params as params_lib
-from lmjax.posttrain.params import Task
-from lmjax.train.step import loss_sums as token_loss_sums
+from lmjax.tasks import params as params_lib
+from lmjax.tasks.finetune import FineTuneTask, sequence_sums
 
-DPO_LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'orpo', 'kto')
 _ROW_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
-
-
-def make_iterator(config, tok, process_index: int = 0, process_count: int = 1):
-  from lmjax.data import preference, sft  # pylint: disable=g-import-not-at-top
-  if config.task == 'sft':
-    return sft.make_sft_iterator(config, tok, process_index, process_count)
-  if config.task in ('reward', 'dpo'):
-    return preference.make_preference_iterator(config, tok, process_index, process_count)
-  raise ValueError(f'task: no data iterator for {config.task!r}')
-
-
-def make_optimizer(config, task: Task | None, updates_per_step: int = 1):
-  """The config's optimizer over the trainable tree; LoRA+ scales B's updates (= its LR, also for
-  decoupled weight decay) by `peft.lora_plus_ratio`."""
-  tx, schedule = make_base_optimizer(config.optimizer, config.steps, updates_per_step)
-  if task is not None and task.peft.enabled and task.peft.lora_plus_ratio != 1.0:
-    def mask(trainable):
-      out = jax.tree.map(lambda _: False, trainable)
-      out['adapters'] = lora.lora_b_mask(task.peft, trainable['adapters'])
-      return out
-    tx = optax.chain(tx, optax.masked(optax.scale(task.peft.lora_plus_ratio), mask))
-  return tx, schedule
 
 
 def score_last_token(hidden_BLD, segment_ids_BL, head):
@@ -66,45 +38,33 @@ def _pair_rows(batch):
   return {k: jnp.concatenate([batch[f'chosen_{k}'], batch[f'rejected_{k}']]) for k in _ROW_KEYS}
 
 
-def _run(task: Task, model, rows, peft=None):
+def _run(task, model, rows, peft=None):
   return forward(task.model, model, rows['inputs'], rows['positions'], rows['segment_ids'],
                  peft=peft)[0]
 
 
-def reward_scores(task: Task, params, rows, rng=None):
+def reward_scores(task, params, rows, rng=None):
   model = params_lib.model_params(task, params, rng)
   _, hidden_BLD = forward_hidden(task.model, model, rows['inputs'], rows['positions'],
                                  rows['segment_ids'], peft=params_lib.model_peft(task, params))
   return score_last_token(hidden_BLD, rows['segment_ids'], params['trainable']['head'])
 
 
-def _sums(loss, metrics, n):
-  out = {'loss': loss * n, 'nll': loss * n, 'z': jnp.zeros((), jnp.float32),
-         'weight': jnp.asarray(n, jnp.float32)}
-  out.update({k: v * n for k, v in metrics.items()})
-  return out
-
-
-def sft_sums(task: Task, params, batch, rng=None):
-  return token_loss_sums(task.model, params_lib.model_params(task, params, rng), batch,
-                         peft=params_lib.model_peft(task, params))
-
-
-def reward_sums(task: Task, params, batch, rng=None):
+def reward_sums(task, params, batch, rng=None):
   n = batch['chosen_inputs'].shape[0]
   scores = reward_scores(task, params, _pair_rows(batch), rng)
   loss, metrics = losses.reward_loss(scores[:n], scores[n:], task.post.margin,
                                      task.post.center_coef)
-  return _sums(loss, metrics, n)
+  return sequence_sums(loss, metrics, n)
 
 
-def sequence_log_probs(task: Task, model, rows, peft=None):
+def sequence_log_probs(task, model, rows, peft=None):
   """Per-row sum of log p(target) over the weighted tokens of `rows` (B,) under plain `model`."""
   logits_BLV = _run(task, model, rows, peft)
   return losses.sequence_log_probs(logits_BLV, rows['targets'], rows['weights'])
 
 
-def kto_unpaired_sums(task: Task, params, batch, rng=None):
+def kto_unpaired_sums(task, params, batch, rng=None):
   """KTO on unpaired rows; z0 = max(0, mean(policy - reference)) on the `kl_` rows when present,
   else the loss's default (the batch mean on the rows themselves)."""
   post = task.post
@@ -125,10 +85,10 @@ def kto_unpaired_sums(task: Task, params, batch, rng=None):
     ref_logps_B = jax.lax.stop_gradient(sequence_log_probs(task, ref, rows))
   loss, metrics = losses.kto_loss(logps_B, ref_logps_B, batch['desirable'], kl_ref, post.beta,
                                   post.kto_desirable_weight, post.kto_undesirable_weight)
-  return _sums(loss, metrics, n)
+  return sequence_sums(loss, metrics, n)
 
 
-def preference_sums(task: Task, params, batch, rng=None):
+def preference_sums(task, params, batch, rng=None):
   post = task.post
   if 'desirable' in batch:
     return kto_unpaired_sums(task, params, batch, rng)
@@ -139,7 +99,7 @@ def preference_sums(task: Task, params, batch, rng=None):
   if post.loss_type == 'orpo':
     avg = losses.sequence_log_probs(logits, rows['targets'], rows['weights'], average=True)
     loss, metrics = losses.orpo_loss(avg[:n], avg[n:], -avg[:n], post.beta)
-    return _sums(loss, metrics, n)
+    return sequence_sums(loss, metrics, n)
   logps = losses.sequence_log_probs(logits, rows['targets'], rows['weights'])
   ref_logps = jax.lax.stop_gradient(
       sequence_log_probs(task, params_lib.reference_params(task, params), rows))
@@ -154,12 +114,46 @@ def preference_sums(task: Task, params, batch, rng=None):
       tokens_B = jnp.maximum(jnp.sum(rows['weights'][:n], axis=-1), 1.0)
       metrics['chosen_nll'] = jnp.mean(-logps[:n] / tokens_B)
       loss = loss + post.chosen_nll_coef * metrics['chosen_nll']
-  return _sums(loss, metrics, n)
+  return sequence_sums(loss, metrics, n)
 
 
-_SUMS = {'sft': sft_sums, 'reward': reward_sums, 'dpo': preference_sums}
+def _pair_tokens(batch) -> int:
+  rows, columns = batch['chosen_inputs'].shape
+  return 2 * rows * columns
 
 
-def loss_sums(task: Task, params, batch, rng=None):
-  """The task's loss sums for the train step (see the module docstring)."""
-  return _SUMS[task.name](task, params, batch, rng)
+class RewardTask(FineTuneTask):
+  """A scalar head ('head') on the final hidden state; chosen and rejected rows run together."""
+  name = 'reward'
+  heads = ('head',)
+
+  def make_iterator(self, config, tokenizer, process_index=0, process_count=1):
+    return preference_data.make_preference_iterator(config, tokenizer, process_index,
+                                                    process_count)
+
+  def sums(self, params, batch, rng):
+    return reward_sums(self, params, batch, rng)
+
+  def step_tokens(self, batch):
+    return _pair_tokens(batch), 0
+
+
+class DpoTask(RewardTask):
+  """The DPO family (`post.loss_type`); the reference pass runs forward only."""
+  name = 'dpo'
+  heads = ()
+
+  @property
+  def needs_reference(self) -> bool:
+    return self.post.loss_type != 'orpo'
+
+  def sums(self, params, batch, rng):
+    return preference_sums(self, params, batch, rng)
+
+  def step_tokens(self, batch):
+    if 'desirable' in batch:  # unpaired KTO: policy rows; reference on rows + kl_ rows
+      rows, columns = batch['inputs'].shape
+      kl_rows = batch['kl_inputs'].shape[0] if 'kl_inputs' in batch else 0
+      return rows * columns, (rows + 2 * kl_rows) * columns
+    tokens = _pair_tokens(batch)
+    return tokens, tokens if self.needs_reference else 0
