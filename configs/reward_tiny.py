@@ -4,9 +4,11 @@ import os
 
 from lmjax.config import load_config
 
+SFT_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sft_tiny.py')
+
 
 def get_config():
-  c = load_config('sft_tiny')
+  c = load_config(SFT_TINY)
   c.task = 'reward'
   c.peft.method = 'none'
   c.post.train_file = os.path.join(os.path.dirname(c.post.train_file), 'preference.jsonl')

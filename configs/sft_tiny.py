@@ -1,7 +1,8 @@
 """Tiny supervised fine-tuning with LoRA, for tests: seconds on one CPU core (lmjax.posttrain).
 
-Model shape and tokenizer are those of configs/tiny.py, so `--config.init_from` a tiny run works.
-The other *_tiny post-training configs start from this one.
+Model shape and tokenizer are those of the `tiny` preset (lmjax/configs/tiny.py), so
+`--config.init_from` a tiny run works. The other *_tiny post-training configs in this folder start
+from this one (by path: they, like the tests/data files they read, belong to the checkout).
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Learning-rate ablation on configs/tiny.py: 4 peak learning rates x 2 seeds.
+"""Learning-rate ablation on the `tiny` preset: 4 peak learning rates x 2 seeds.
 
   lmjax sweep experiments/ablation_lr.py --workdir=/tmp/ablation_lr --parallel=2
 """

@@ -1,4 +1,4 @@
-"""A CPU-sized IsoFLOP study: 3 budgets x 5 sizes of the `tiny` shape family on configs/tiny.py.
+"""A CPU-sized IsoFLOP study: 3 budgets x 5 sizes of the `tiny` shape family on the `tiny` preset.
 
 Every run trains for exactly the tokens its budget buys (a minute or two each on a CPU core):
 

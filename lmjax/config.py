@@ -9,6 +9,7 @@ names the offending key, before anything is compiled.
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -225,20 +226,32 @@ _NON_NEGATIVE = ('eval_batches', 'model.head_dim', 'model.sliding_window', 'mode
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file (a path, or a preset name such as `tiny`), or a
-  resolved `config.json` that a workdir holds."""
+  """Loads `get_config()` from a config file: a preset name shipped in the package (`tiny` is
+  `lmjax/configs/tiny.py`), a path to a `.py` file, or a workdir's resolved `config.json`."""
   if path.endswith('.json'):
     try:
       with open(path, encoding='utf-8') as f:
         return from_json(f.read())
     except OSError as e:
       raise ConfigError(f'--config: cannot read {path!r}: {e.strerror}') from None
-  if not os.path.exists(path):
-    preset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                          f'{path}.py')
-    if not os.path.exists(preset):
-      raise ConfigError(f'--config: no such config file or preset: {path!r}')
-    path = preset
+  presets = _presets()
+  if path in presets:  # a bare name (no directory, no `.py`) is a preset
+    with importlib.resources.as_file(presets[path]) as file:
+      return _load_config_file(str(file))
+  if not os.path.isfile(path):
+    raise ConfigError(f'--config: no such config file or preset: {path!r} (presets: '
+                      f'{", ".join(sorted(presets))})')
+  return _load_config_file(path)
+
+
+def _presets() -> dict:
+  """Preset name -> its file in the installed `lmjax.configs` package."""
+  files = importlib.resources.files('lmjax.configs')
+  return {f.name[:-3]: f for f in files.iterdir()
+          if f.name.endswith('.py') and not f.name.startswith('_')}
+
+
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location('_lmjax_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -16,15 +16,16 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, 'data', 'golden.json')
+POST = os.path.join(os.path.dirname(HERE), 'configs')  # the checkout's post-training configs
 COMMON = ['steps=10', 'log_every=1', 'checkpoint_every=1000', 'eval_every=1000', 'seed=3']
 CASES = {
     'pretrain': ('tiny', ['model.num_layers=2']),
-    'sft': ('sft_tiny', []),
-    'reward': ('reward_tiny', []),
-    'dpo': ('dpo_tiny', []),
-    'kto': ('dpo_tiny', ['post.loss_type=kto']),
-    'ppo': ('ppo_tiny', []),
-    'grpo': ('ppo_tiny', ['post.advantage=grpo']),
+    'sft': (os.path.join(POST, 'sft_tiny.py'), []),
+    'reward': (os.path.join(POST, 'reward_tiny.py'), []),
+    'dpo': (os.path.join(POST, 'dpo_tiny.py'), []),
+    'kto': (os.path.join(POST, 'dpo_tiny.py'), ['post.loss_type=kto']),
+    'ppo': (os.path.join(POST, 'ppo_tiny.py'), []),
+    'grpo': (os.path.join(POST, 'ppo_tiny.py'), ['post.advantage=grpo']),
     'pipeline': ('tiny', ['model.scan_layers=true', 'mesh.data=1', 'mesh.pipeline=2',
                           'pipeline_microbatches=2']),
 }

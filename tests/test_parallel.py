@@ -80,7 +80,7 @@ def test_fsdp8_holds_an_eighth_of_the_state_per_device(multi_device):
 
 def test_cli_runs_a_layout_from_config_alone(tmp_path):
   proc = subprocess.run(
-      [sys.executable, '-m', 'lmjax.cli', 'train', '--config=configs/tiny.py',
+      [sys.executable, '-m', 'lmjax.cli', 'train', '--config=tiny',
        f'--workdir={tmp_path}', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
        '--config.mesh.data=1', '--config.batch_size=8', '--config.steps=2',
        '--config.optimizer.warmup_steps=1', '--config.eval_every=100', '--no_sample'],

@@ -181,8 +181,6 @@ def test_dry_runs_print_every_points_command(sweep_file, tmp_path, capsys):
 
 def test_experiment_files_load():
   root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
-  if not os.path.exists(os.path.join(os.path.dirname(root), 'configs', 'tiny.py')):
-    pytest.skip('configs/tiny.py is missing')
   iso = sweep_lib.load_sweep(os.path.join(root, 'isoflop_tiny.py'))
   assert len({dict(p.info)['budget'] for p in iso.points}) == 3 and len(iso.points) >= 12
   ablation = sweep_lib.load_sweep(os.path.join(root, 'ablation_lr.py'))
@@ -203,9 +201,6 @@ def get_sweep():
 
 def test_end_to_end_sweep_of_real_training(tmp_path, capsys):
   """Two tiny points through real `lmjax train` processes, side by side; a rerun skips both."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if not os.path.exists(os.path.join(root, 'configs', 'tiny.py')):
-    pytest.skip('configs/tiny.py is missing')
   path = tmp_path / 'e2e.py'
   path.write_text(E2E_SWEEP)
   workdir = str(tmp_path / 'work')

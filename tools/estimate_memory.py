@@ -1,6 +1,6 @@
 """Per-device memory of a training config on a mesh: an analytic estimate next to XLA's own.
 
-  python tools/estimate_memory.py --config=configs/1b.py --devices=8 \
+  python tools/estimate_memory.py --config=1b --devices=8 \
       [--config.sharding=fsdp --config.mesh.data=1 --config.mesh.fsdp=-1 ...] \
       [--topology=v5e:2x2] [--no-compile]
 

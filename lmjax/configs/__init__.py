@@ -1,0 +1,1 @@
+"""Model presets shipped in the package: `--config=NAME` loads `lmjax/configs/NAME.py`."""

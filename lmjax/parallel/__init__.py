@@ -1,0 +1,1 @@
+"""Parallelism: device mesh and sharding rules, pipeline stages, multi-host start-up."""

@@ -1,0 +1,1 @@
+"""Training: the train state and steps (`step`), the loop (`loop`), metrics output (`metrics`)."""
