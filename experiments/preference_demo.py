@@ -36,10 +36,11 @@ import numpy as np
 from lmjax import cli
 from lmjax.data import load_or_train_tokenizer
 from lmjax.data import preference
-from lmjax.data import sft as sft_data
-from lmjax.generate import SamplingConfig, generate
-from lmjax.posttrain import params as params_lib
-from lmjax.posttrain import tasks as tasks_lib
+from lmjax.data.jsonl import read_jsonl, write_jsonl
+from lmjax.inference.generate import SamplingConfig, generate
+from lmjax import tasks
+from lmjax import workdir as workdir_lib
+from lmjax.tasks import preference as preference_task
 
 POSITIVE = ('good', 'great', 'nice', 'fine', 'happy', 'bright', 'calm', 'kind')
 NEGATIVE = ('bad', 'poor', 'awful', 'dull', 'sad', 'dark', 'rude', 'cold')
@@ -85,8 +86,7 @@ def make_data(directory: str, seed: int = 0, sft_examples: int = 4000, pairs: in
            for name in ('corpus', 'sft', 'pairs', 'held_out_pairs', 'prompts')}
 
   def write(name, records):
-    with open(paths[name], 'w', encoding='utf-8') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records)
+    write_jsonl(paths[name], records)
 
   def sft_record():
     words = rng.choice(POSITIVE + NEGATIVE, WORDS)
@@ -142,9 +142,9 @@ def stage_commands(workdir: str, paths: dict[str, str], quick: bool) -> dict[str
 
 def reward_accuracy(workdir: str, pairs_path: str, tok, row_len: int = 49) -> float:
   """Held-out pair accuracy of the reward model in `workdir`: P(score(chosen) > score(rejected))."""
-  task, params = params_lib.load_post_params(workdir)
-  pairs = [preference.encode_pair(tok, r) for r in sft_data.read_jsonl(pairs_path)]
-  score = jax.jit(lambda p, rows: tasks_lib.reward_scores(task, p, rows))
+  task, params = tasks.load_task_params(workdir)
+  pairs = [preference.encode_pair(tok, r) for r in read_jsonl(pairs_path)]
+  score = jax.jit(lambda p, rows: preference_task.reward_scores(task, p, rows))
   chosen, rejected = (np.asarray(score(params, preference.pad_rows([p[side] for p in pairs],
                                                                    row_len)))
                       for side in (0, 1))
@@ -154,9 +154,9 @@ def reward_accuracy(workdir: str, pairs_path: str, tok, row_len: int = 49) -> fl
 def evaluate_policy(workdir: str, base_params, tok, samples: int, seed: int = 0) -> dict:
   """Samples `samples` completions of the held-out prompts at temperature 1 and scores them with
   the rule; KL(policy || base) is the mean of log pi - log base over the samples (k1)."""
-  task, _ = params_lib.load_post_params(workdir)
+  task, _ = tasks.load_task_params(workdir)
   model_cfg = task.model
-  policy = params_lib.load_model_params(workdir)
+  policy = tasks.load_trained(workdir)[1]
   prompts = [[tok.bos_id] + tok.encode(prompt_for(HELD_OUT_NOUNS[i % len(HELD_OUT_NOUNS)]))
              for i in range(samples)]
   out = generate(model_cfg, policy, prompts, SamplingConfig(max_new_tokens=10, temperature=1.0,
@@ -168,7 +168,7 @@ def evaluate_policy(workdir: str, base_params, tok, samples: int, seed: int = 0)
     texts.append(tok.decode([t for t in response if t != tok.eos_id]))
     examples.append((prompt + response, [0] * len(prompt) + [1] * len(response)))
   batch = preference.pad_rows(examples, max(len(e[0]) for e in examples))
-  seq_logp = jax.jit(lambda p, b: tasks_lib.sequence_log_probs(task, p, b))
+  seq_logp = jax.jit(lambda p, b: preference_task.sequence_log_probs(task, p, b))
   kl = np.asarray(seq_logp(policy, batch)) - np.asarray(seq_logp(base_params, batch))
   rewards = np.asarray([rule_reward(t) for t in texts])
   return {'rule_reward': float(rewards.mean()), 'preferred_share': float(np.mean(rewards > 0.5)),
@@ -191,9 +191,9 @@ def main(argv=None) -> dict:
   commands = stage_commands(args.workdir, paths, args.quick)
   for name, stage_args in commands.items():
     run_stage(name, stage_args)
-  config = params_lib.read_config(os.path.join(args.workdir, 'sft'))
+  config = workdir_lib.read_config(os.path.join(args.workdir, 'sft'))
   tok = load_or_train_tokenizer(config.data, config.model.vocab_size)
-  base = params_lib.load_model_params(os.path.join(args.workdir, 'sft'))
+  base = tasks.load_trained(os.path.join(args.workdir, 'sft'))[1]
   figures = {'reward_model_held_out_accuracy': reward_accuracy(
       os.path.join(args.workdir, 'reward'), paths['held_out_pairs'], tok)}
   for name in ('sft', 'dpo', 'ppo'):

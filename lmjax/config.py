@@ -9,6 +9,7 @@ names the offending key, before anything is compiled.
 from __future__ import annotations
 
 import ast
+import collections
 import importlib.resources
 import importlib.util
 import json
@@ -198,6 +199,9 @@ def llama_preset(*, num_layers: int, d_model: int, num_heads: int, num_kv_heads:
   return c
 
 
+# PEFT methods: weight deltas (mergeable; `lmjax.peft.lora`) and in-model ones (`lmjax.peft.hooks`)
+PEFT_LOW_RANK = ('lora', 'dora', 'vera', 'lora_fa')
+PEFT_IN_MODEL = ('bottleneck', 'prefix', 'prompt', 'p_tuning')
 _CHOICES = {
     'model.attention': ('xla', 'pallas', 'cudnn'),
     'model.remat': ('none', 'full', 'dots', 'dots_saveable', 'minimal'),
@@ -207,8 +211,7 @@ _CHOICES = {
     'optimizer.schedule': ('cosine', 'linear', 'wsd', 'constant'),
     'data.on_bad_input': ('error', 'skip'),
     'task': ('pretrain', 'sft', 'reward', 'dpo', 'ppo'),
-    'peft.method': ('none', 'lora', 'dora', 'vera', 'lora_fa', 'bottleneck', 'prefix', 'prompt',
-                    'p_tuning'),
+    'peft.method': ('none',) + PEFT_LOW_RANK + PEFT_IN_MODEL,
     'peft.base_dtype': ('float32', 'bfloat16', 'int8', 'nf4'),
     'post.loss_type': ('sigmoid', 'ipo', 'hinge', 'orpo', 'kto'),
     'post.kl_estimator': ('k1', 'k2', 'k3'),
@@ -327,8 +330,9 @@ def _get(config, name):
   return node
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Cross-field checks; raises ConfigError naming the first bad key."""
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Cross-field checks that need no devices; raises ConfigError naming the first bad key (the
+  mesh checks against the devices at hand: `lmjax.parallel.mesh.validate`)."""
   check_schema(config)
   for name, choices in _CHOICES.items():
     if _get(config, name) not in choices:
@@ -361,8 +365,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f'optimizer.warmup_steps: {config.optimizer.warmup_steps} exceeds '
                       f'steps={config.steps}')
   _validate_post(config)
-  if num_devices is not None:
-    _validate_mesh(config, num_devices)
 
 
 def _validate_post(config) -> None:
@@ -380,10 +382,10 @@ def _validate_post(config) -> None:
   if p.method == 'p_tuning' and p.encoder_dim < 0:
     raise ConfigError(f'peft.encoder_dim: must be >= 0; got {p.encoder_dim}')
   if (p.base_dtype in ('int8', 'nf4') and config.task != 'pretrain'
-      and p.method not in ('lora', 'dora', 'vera', 'lora_fa')):
+      and p.method not in PEFT_LOW_RANK):
     raise ConfigError(f'peft.base_dtype: {p.base_dtype} (a quantised frozen base) needs a low-rank '
                       f'peft.method (lora, dora, vera or lora_fa); got {p.method}')
-  if p.method in ('bottleneck', 'prefix', 'prompt', 'p_tuning') and config.task == 'ppo':
+  if p.method in PEFT_IN_MODEL and config.task == 'ppo':
     raise ConfigError(f'peft.method: {p.method} is not supported by task=ppo (its rollouts decode '
                       'the plain model); use lora, dora, vera or lora_fa')
   if config.task in ('sft', 'reward', 'dpo') and not q.train_file:
@@ -432,25 +434,17 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
   return sizes
 
 
-def _validate_mesh(config, num_devices):
-  sizes = mesh_shape(config, num_devices)
-  batch_shards = sizes['data'] * sizes['fsdp']
-  micro_batch = config.batch_size // config.grad_accum_steps
-  if micro_batch % batch_shards:
-    raise ConfigError(f'batch_size: the micro-batch of {micro_batch} sequences does not divide '
-                      f'over mesh.data x mesh.fsdp = {batch_shards} devices')
-  m = config.model
-  if m.num_kv_heads % sizes['tensor'] and m.num_heads % sizes['tensor']:
-    raise ConfigError(f'mesh.tensor: {sizes["tensor"]} divides neither model.num_heads nor '
-                      'model.num_kv_heads')
-  if m.num_layers % sizes['pipeline']:
-    raise ConfigError(f'mesh.pipeline: {sizes["pipeline"]} does not divide '
-                      f'model.num_layers={m.num_layers}')
-  if m.logits_chunk and sizes['pipeline'] > 1:
-    raise ConfigError('model.logits_chunk: not supported with pipeline stages (mesh.pipeline='
-                      f'{sizes["pipeline"]}); set it to 0')
-  from lmjax.parallel.sharding import validate_parallelism  # pylint: disable=g-import-not-at-top
-  validate_parallelism(config, num_devices)  # presets, DCN factors, divisibility, pipeline
+def choices(name: str) -> tuple:
+  """The allowed values of a config key (`'task'`, `'post.loss_type'`, ...)."""
+  return _CHOICES[name]
+
+
+def frozen(group: ml_collections.ConfigDict):
+  """A hashable, read-only view of a config group (attribute access), e.g. for jit's static
+  arguments: the schema stays the one definition of its keys and defaults."""
+  items = sorted(group.to_dict().items())
+  view = collections.namedtuple('ConfigView', [k for k, _ in items])
+  return view(*(v for _, v in items))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -26,11 +26,12 @@ import numpy as np
 
 from lmjax import config as config_lib
 from lmjax.cli import split_overrides
-from lmjax.optim import make_optimizer
 from lmjax.parallel import mesh as mesh_lib
 from lmjax.perf import peak_flops_per_device
 from lmjax.scaling.flops import flops_per_token
-from lmjax.train.loop import build_state, jit_steps
+from lmjax import tasks
+from lmjax.train.loop import jit_programs
+from lmjax.train.state import build_state
 
 
 def synthetic_batch(config, seed=0):
@@ -44,10 +45,12 @@ def synthetic_batch(config, seed=0):
 
 def bench_lmjax(config, steps: int) -> dict:
   mesh = mesh_lib.make_mesh(config)
-  tx, schedule = make_optimizer(config.optimizer, config.steps)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.rules(config)[0])):
-    create, abstract = build_state(config, mesh, tx)
-    step_fn, _ = jit_steps(config, mesh, tx, schedule, abstract)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  rules = mesh_lib.rules(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules[0])):
+    create, abstract = build_state(task, tx, config.seed, mesh, rules)
+    _, step_fn, _ = jit_programs(task, tx, schedule, mesh, abstract)
     batch = jax.device_put(synthetic_batch(config), mesh_lib.batch_sharding(mesh))
     start = time.perf_counter()
     compiled = step_fn.lower(abstract, batch).compile()
@@ -133,7 +136,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   config = config_lib.load_config(args.config)
   config_lib.apply_overrides(config, overrides)
-  config_lib.validate(config, jax.device_count())
+  mesh_lib.validate(config, jax.device_count())
   results = [bench_lmjax(config, args.steps)]
   if args.torch:
     results.append(bench_torch(config, args.steps))

@@ -48,10 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import config as config_lib
+from lmjax import tasks
 from lmjax.models.transformer import ModelConfig
-from lmjax.optim import make_optimizer
 from lmjax.parallel import mesh as mesh_lib
 from lmjax.parallel import sharding as sharding_lib
+from lmjax.train import state as state_lib
 from lmjax.train import step as step_lib
 
 MIB = 2**20
@@ -70,11 +71,9 @@ def _per_device(tree, specs, sizes) -> float:
 
 
 def abstract_state(config):
-  tx, _ = make_optimizer(config.optimizer, config.steps)
-  step_cfg = step_lib.StepConfig.from_config(config)
-  with nn.logical_axis_rules(()):
-    boxed = jax.eval_shape(lambda: step_lib.init_state(step_cfg, tx, config.seed))
-  return boxed, tx, step_cfg
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  return state_lib.abstract_state(task, tx, config.seed), tx, schedule, task
 
 
 def activation_bytes(config, sizes) -> float:
@@ -107,9 +106,8 @@ def activation_bytes(config, sizes) -> float:
 
 def analytic(config, num_devices):
   sizes = config_lib.mesh_shape(config, num_devices)
-  boxed, tx, _ = abstract_state(config)
-  params_rules, opt_rules = sharding_lib.rules_from_config(config)
-  specs = sharding_lib.state_specs(boxed, tx, params_rules, opt_rules)
+  boxed, _, _, task = abstract_state(config)
+  specs = state_lib.state_specs(task, boxed, *sharding_lib.rules_from_config(config))
   params = jax.tree.map(lambda x: getattr(x, 'value', x), boxed.params,
                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
   param_bytes = _per_device(params, specs.params, sizes)
@@ -128,10 +126,9 @@ def analytic(config, num_devices):
 def compiled_memory(config, devices):
   """XLA's memory analysis of the sharded train step, compiled for `devices` (no allocation)."""
   mesh = mesh_lib.make_mesh(config, devices)
-  boxed, tx, step_cfg = abstract_state(config)
-  _, schedule = make_optimizer(config.optimizer, config.steps)
+  boxed, tx, schedule, task = abstract_state(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.rules(config)[0])):
-    shardings = mesh_lib.state_shardings(boxed, tx, mesh, *mesh_lib.rules(config))
+    shardings = state_lib.state_shardings(task, boxed, mesh, *mesh_lib.rules(config))
     state = jax.tree.map(lambda x: getattr(x, 'value', x), boxed,
                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -141,7 +138,7 @@ def compiled_memory(config, devices):
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for name, dtype in
              [('inputs', jnp.int32), ('targets', jnp.int32), ('positions', jnp.int32),
               ('segment_ids', jnp.int32), ('weights', jnp.float32)]}
-    step = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b),
+    step = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b),
                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     analysis = step.lower(state, batch).compile().memory_analysis()
   fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
@@ -170,7 +167,7 @@ def main(args, overrides):
     config_lib.apply_overrides(config, overrides)
     devices = topology_devices(args.topology) if args.topology else None
     num_devices = len(devices) if devices is not None else args.devices
-    config_lib.validate(config, num_devices)
+    mesh_lib.validate(config, num_devices)
   except config_lib.ConfigError as e:
     raise SystemExit(f'error: {e}') from None
   sizes, estimate = analytic(config, num_devices)

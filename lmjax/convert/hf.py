@@ -30,8 +30,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lmjax import checkpoint
 from lmjax import config as config_lib
+from lmjax import tasks
+from lmjax import workdir as workdir_lib
 from lmjax.convert import hf_config, weights
 from lmjax.convert.hf_config import ConversionError
 from lmjax.models import transformer
@@ -41,22 +42,6 @@ EXTRA_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
                'special_tokens_map.json', 'added_tokens.json', 'generation_config.json')
 HF_CONFIG_COPY = 'hf_config.json'  # the imported model's own config, kept for export
 _IGNORED_TENSOR_SUFFIXES = ('.rotary_emb.inv_freq',)  # recomputed buffers in old checkpoints
-
-
-def merge_adapters(params, config=None):
-  """Folds adapters (LoRA, DoRA, VeRA) into the base weights before export.
-
-  A post-training params tree ({'trainable', 'frozen'}, see lmjax.posttrain.params) needs its
-  workdir `config` (the peft settings); plain model params pass through. Export checks that the
-  tree holds exactly the base weights afterwards, so an adapter left unmerged is an error, never
-  silently dropped.
-  """
-  if isinstance(params, dict) and set(params) == {'trainable', 'frozen'}:
-    if config is None:
-      raise ConversionError('merge_adapters: a post-training params tree needs its config')
-    from lmjax.posttrain.params import merged_model_params, task_from_config  # pylint: disable=g-import-not-at-top
-    return merged_model_params(task_from_config(config), params)
-  return params
 
 
 def _specs(cfg: transformer.ModelConfig):
@@ -219,31 +204,9 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32', allow_pickle
     if os.path.isfile(os.path.join(workdir, file)):
       config.data.tokenizer = os.path.join(os.path.abspath(workdir), file)
       break
-  with open(os.path.join(workdir, HF_CONFIG_COPY), 'w') as f:
-    json.dump(hf, f, indent=2)
-  checkpoint.save_params(workdir, params)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config_lib.to_json(config))
+  workdir_lib.write_json(os.path.join(workdir, HF_CONFIG_COPY), hf)
+  workdir_lib.save_params(workdir, params, config)
   return config, params
-
-
-def load_workdir(workdir: str, params=None):
-  """(config, ModelConfig, params) of a workdir: its latest train checkpoint, else params/."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise ConversionError(f'{workdir}: no config.json (not an lmjax workdir)')
-  with open(path) as f:
-    config = config_lib.from_json(f.read())
-  cfg = transformer.ModelConfig.from_config(config.model)
-  if params is None and config.task != 'pretrain':  # post-training tree; merged by export
-    from lmjax.posttrain.params import load_post_params  # pylint: disable=g-import-not-at-top
-    params = load_post_params(workdir, config)[1]
-  if params is None:  # restore onto one device, whatever mesh the checkpoint was written under
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            abstract_params(cfg))
-    params = checkpoint.load_params(workdir, abstract)
-  return config, cfg, params
 
 
 def _special_ids(config) -> dict:
@@ -262,8 +225,14 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str | None = None, params=Non
 
   Returns the HF config dict. `dtype` defaults to the params' dtype.
   """
-  config, cfg, params = load_workdir(workdir, params)
-  params = merge_adapters(params, config)
+  config = workdir_lib.read_config(workdir)
+  if config is None:
+    raise ConversionError(f'{workdir}: no config.json (not an lmjax workdir)')
+  cfg = transformer.ModelConfig.from_config(config.model)
+  if params is None:  # onto one device, whatever mesh the checkpoint was written under
+    params = tasks.load_trained(workdir, config)[1]
+  elif isinstance(params, dict) and set(params) == {'trainable', 'frozen'}:
+    params = tasks.from_config(config).decoding_params(params)  # adapters merged
   specs = _specs(cfg)
   wanted = {_tree_path(cfg, layer, path) for layer, path, _, _ in specs}
   leaves = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}

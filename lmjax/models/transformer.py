@@ -3,10 +3,13 @@
 Shapes: B batch, L query length, S key length (= L in training, the cache length in decoding),
 T = B * L flattened tokens, D d_model, H heads, K kv heads, Dh head dim, F mlp dim, V vocab.
 
-`Transformer.apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, cache)` returns
-`(logits_BLV, cache)`. With `cache=None` it is a plain forward pass; with a cache from
-`init_cache` the new tokens' keys and values are written at `cache['index']` and the queries attend
-everything cached so far (prefill and decode use the same path).
+`forward(cfg, params, tokens_BL, positions_BL, segment_ids_BL)` returns the logits (float32);
+`forward_cached(..., cache)` returns `(logits_BLV, cache)`: with a cache from `init_cache` the new
+tokens' keys and values are written at `cache['index']` and the queries attend everything cached so
+far (prefill and decode use the same path). `forward_hidden` adds the final-norm hidden states
+(reward and value heads), `forward_head_inputs` gives them with the output projection (chunked
+cross-entropy). `Transformer` exposes the three parts, `embed`, `trunk` and `head`, which pipeline
+stages call too (`lmjax.parallel.pipeline`).
 
 `peft` (default None: the plain model) carries the leaves of the PEFT methods that act inside the
 forward pass (built by `lmjax.peft.hooks.model_peft`); it never adds params to the model tree:
@@ -19,8 +22,8 @@ forward pass (built by `lmjax.peft.hooks.model_peft`); it never adds params to t
                              input. They attend only one another, so they run once through the
                              layers (positions 0..P-1) and their keys/values become a per-layer
                              prefix; the real tokens' positions move up by P.
-Without the argument, a `params['peft']` entry is read instead (a trained in-model PEFT run loaded
-for sampling / scoring: `lmjax.posttrain.params.load_model_params`); `init_params` never makes one.
+Without the argument, a `params['peft']` entry is used instead (a trained in-model PEFT run loaded
+for sampling / scoring: `lmjax.tasks.load_trained`); `init_params` never makes one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lmjax.models import attention as attention_lib
 from lmjax.models.layers import MLP, RMSNorm, constrain, param_with_axes, rope
@@ -39,7 +43,9 @@ _REMAT_POLICIES = {
     'full': None,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'minimal': jax.checkpoint_policies.nothing_saveable,
+    # each layer's attention output (named in `Attention`) besides the layer inputs: more than
+    # `full` keeps, less than the dots policies (tests/test_model.py compares their temporaries)
+    'minimal': jax.checkpoint_policies.save_only_these_names('attention_out'),
 }
 
 
@@ -146,6 +152,7 @@ class Attention(nn.Module):
     out_BLHD = attention_lib.attention(
         q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=ctx['segment_ids'], positions_BL=ctx['positions'],
         causal=True, sliding_window=cfg.sliding_window, impl=cfg.attention, **kv_mask_args)
+    out_BLHD = checkpoint_name(out_BLHD, 'attention_out')  # saved by remat 'minimal'
     out_TD = out_BLHD.reshape(batch * length, h * dh) @ o_HdD.reshape(h * dh, d).astype(cfg.dtype)
     return out_TD, kv_cache
 
@@ -183,47 +190,65 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+  """The decoder as three explicit parts (module docstring):
+    embed(tokens_BL) -> x_TD
+    trunk(x_TD, positions_BL, segment_ids_BL, cache, peft) -> (x_TD, layer caches)
+    head(x_TD, batch) -> logits_BLV (final norm, then the output projection; float32)
+  `__call__` composes them. Parameters live at the top level as `embed`, `layers` (scanned) or
+  `layers_{i}`, `final_norm`, `lm_head`; adapters and a quantised base are applied inside
+  `param_with_axes`, in-model PEFT comes in through the `peft` argument."""
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None, return_hidden=False,
-               peft=None, skip_head=False):
+  def setup(self):
     cfg = self.cfg
-    batch, length = tokens_BL.shape
-    embed_VD = param_with_axes(self, 'embed', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
-                               cfg.init_std, cfg.param_dtype)
-    x_TD = jnp.take(embed_VD, tokens_BL.reshape(-1), axis=0).astype(cfg.dtype)
-    x_TD = constrain(x_TD, ('act_tokens', 'act_embed'))
-
+    self.embed_VD = param_with_axes(self, 'embed', (cfg.vocab_size, cfg.d_model),
+                                    ('vocab', 'embed'), cfg.init_std, cfg.param_dtype)
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(0, nn.broadcast, 0), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
-      run_layers = stack
+      self.layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                            in_axes=(0, nn.broadcast, 0), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: 'layers'})(cfg)
     else:
-      blocks = [block(cfg, name=f'layers_{i}') for i in range(cfg.num_layers)]
+      self.layers = [block(cfg) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
+    self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+    if cfg.tie_embeddings:
+      self.head_DV = self.embed_VD.T
+    else:
+      self.head_DV = param_with_axes(self, 'lm_head', (cfg.d_model, cfg.vocab_size),
+                                     ('embed', 'vocab'), cfg.init_std, cfg.param_dtype)
 
-      def run_layers(x_TD, layer_caches, ctx, layer_peft):
-        new_caches = []
-        for i, layer in enumerate(blocks):
-          pick = lambda tree, i=i: None if tree is None else jax.tree.map(lambda c: c[i], tree)
-          x_TD, layer_cache = layer(x_TD, pick(layer_caches), ctx, pick(layer_peft))
-          new_caches.append(layer_cache)
-        if layer_caches is not None:
-          layer_caches = jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
-        return x_TD, layer_caches
+  def __call__(self, tokens_BL, positions_BL, segment_ids_BL, cache=None, peft=None):
+    """(logits_BLV float32, the new cache or None)."""
+    x_TD, cache = self.trunk(self.embed(tokens_BL), positions_BL, segment_ids_BL, cache, peft)
+    return self.head(x_TD, tokens_BL.shape[0]), cache
 
-    if peft is None and self.has_variable('params', 'peft'):
-      peft = self.get_variable('params', 'peft')
+  def embed(self, tokens_BL):
+    x_TD = jnp.take(self.embed_VD, tokens_BL.reshape(-1), axis=0).astype(self.cfg.dtype)
+    return constrain(x_TD, ('act_tokens', 'act_embed'))
+
+  def run_layers(self, x_TD, layer_caches, ctx, layer_peft):
+    """The layer stack on 2-D activations (a scan, or one block after another)."""
+    if self.cfg.scan_layers:
+      return self.layers(x_TD, layer_caches, ctx, layer_peft)
+    new_caches = []
+    for i, layer in enumerate(self.layers):
+      pick = lambda tree, i=i: None if tree is None else jax.tree.map(lambda c: c[i], tree)
+      x_TD, layer_cache = layer(x_TD, pick(layer_caches), ctx, pick(layer_peft))
+      new_caches.append(layer_cache)
+    if layer_caches is not None:
+      layer_caches = jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
+    return x_TD, layer_caches
+
+  def trunk(self, x_TD, positions_BL, segment_ids_BL, cache=None, peft=None):
+    """The layers over embedded tokens: (x_TD, the new cache or None). With a cache the new
+    tokens' keys and values are written at `cache['index']`."""
+    batch = positions_BL.shape[0]
     layer_peft = None if peft is None else peft.get('layers')
     if peft is not None and peft.get('prompt') is not None:
-      layer_peft = dict(layer_peft or {}, prefix=self._prompt_prefix(run_layers, peft['prompt'],
-                                                                      batch))
+      layer_peft = dict(layer_peft or {}, prefix=self._prompt_prefix(peft['prompt'], batch))
       positions_BL = positions_BL + peft['prompt'].shape[0]
-
     ctx = {'positions': positions_BL, 'segment_ids': segment_ids_BL}
     layer_caches = None
     if cache is not None:
@@ -234,33 +259,35 @@ class Transformer(nn.Module):
       ctx['kv_positions'] = jax.lax.dynamic_update_slice(cache['positions'], positions_BL,
                                                          (0, index))
       layer_caches = {'k': cache['k'], 'v': cache['v']}
-
-    x_TD, layer_caches = run_layers(x_TD, layer_caches, ctx, layer_peft)
-
-    x_TD = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name='final_norm')(x_TD)
-    if cfg.tie_embeddings:
-      head_DV = embed_VD.T
-    else:
-      head_DV = param_with_axes(self, 'lm_head', (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
-                                cfg.init_std, cfg.param_dtype)
-    if skip_head:  # the head's inputs (chunked cross-entropy): hidden_BLD and head_DV
-      hidden_BLD = constrain(x_TD.reshape(batch, length, cfg.d_model),
-                             ('act_batch', 'act_len', 'act_embed'))
-      out = (hidden_BLD, head_DV)
-    else:
-      logits_TV = jnp.dot(x_TD, head_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
-      logits_BLV = constrain(logits_TV.reshape(batch, length, cfg.vocab_size),
-                             ('act_batch', 'act_len', 'act_vocab'))
-      out = logits_BLV
-      if return_hidden:  # post-training heads (reward, value) read the final-norm hidden state
-        out = (logits_BLV, x_TD.reshape(batch, length, cfg.d_model))
+    x_TD, layer_caches = self.run_layers(x_TD, layer_caches, ctx, layer_peft)
     if cache is None:
-      return out, None
-    new_cache = dict(layer_caches, segment_ids=ctx['kv_segment_ids'],
-                     positions=ctx['kv_positions'], index=cache['index'] + length)
-    return out, new_cache
+      return x_TD, None
+    return x_TD, dict(layer_caches, segment_ids=ctx['kv_segment_ids'],
+                      positions=ctx['kv_positions'], index=cache['index'] + positions_BL.shape[1])
 
-  def _prompt_prefix(self, run_layers, prompt_PD, batch):
+  def normed(self, x_TD, batch: int):
+    """The final-norm hidden states hidden_BLD (compute dtype): what the heads read."""
+    x_TD = self.final_norm(x_TD)
+    return constrain(x_TD.reshape(batch, -1, self.cfg.d_model),
+                     ('act_batch', 'act_len', 'act_embed'))
+
+  def head(self, x_TD, batch: int):
+    """Logits (float32) of the trunk's output."""
+    return self.project(self.normed(x_TD, batch))
+
+  def project(self, hidden_BLD):
+    """The output projection of final-norm hidden states: logits_BLV (float32)."""
+    batch, length, d = hidden_BLD.shape
+    logits_TV = jnp.dot(hidden_BLD.reshape(batch * length, d), self.head_DV.astype(self.cfg.dtype),
+                        preferred_element_type=jnp.float32)  # 2-D: no transposes in the backward
+    return constrain(logits_TV.reshape(batch, length, self.cfg.vocab_size),
+                     ('act_batch', 'act_len', 'act_vocab'))
+
+  def head_weight(self):
+    """The output projection (D, V) in its storage dtype (the transposed embedding when tied)."""
+    return self.head_DV
+
+  def _prompt_prefix(self, prompt_PD, batch):
     """Per-layer keys/values {'k', 'v': (N, B, P, K, Dh)} of virtual tokens at positions 0..P-1
     (causal among themselves), computed by one pass through the layers."""
     cfg = self.cfg
@@ -273,7 +300,7 @@ class Transformer(nn.Module):
     caches = {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
     x_TD = jnp.broadcast_to(prompt_PD.astype(cfg.dtype), (batch, num, cfg.d_model))
     x_TD = constrain(x_TD.reshape(batch * num, cfg.d_model), ('act_tokens', 'act_embed'))
-    _, caches = run_layers(x_TD, caches, ctx, None)
+    _, caches = self.run_layers(x_TD, caches, ctx, None)
     return caches
 
 
@@ -297,12 +324,36 @@ def init_params(cfg: ModelConfig, rng, batch: int = 1, length: int = 8):
   return Transformer(cfg).init(rng, tokens, positions, jnp.ones_like(tokens))['params']
 
 
-def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, cache=None,
-            peft=None):
-  """Pure forward pass on plain (unboxed) params: (logits_BLV float32, new cache or None).
-  `peft`: the in-model PEFT leaves (see the module docstring), None for the plain model."""
-  return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, cache,
-                                peft=peft)
+def _hidden(module, tokens_BL, positions_BL, segment_ids_BL, peft):
+  x_TD, _ = module.trunk(module.embed(tokens_BL), positions_BL, segment_ids_BL, None, peft)
+  return module.normed(x_TD, tokens_BL.shape[0])
+
+
+def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, peft=None):
+  """Logits_BLV (float32) of a plain forward pass on plain (unboxed) params. `peft`: the in-model
+  PEFT leaves (module docstring); without it a `params['peft']` entry is used, if any."""
+  params, peft = _split_peft(params, peft)
+  return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL,
+                                None, peft)[0]
+
+
+def forward_cached(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, cache,
+                   peft=None):
+  """(logits_BLV, new cache): the new tokens run against (and are written into) the KV cache."""
+  params, peft = _split_peft(params, peft)
+  return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL,
+                                cache, peft)
+
+
+def forward_hidden(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, peft=None):
+  """(logits_BLV float32, final-norm hidden states hidden_BLD) without a cache."""
+  params, peft = _split_peft(params, peft)
+
+  def run(module):
+    hidden_BLD = _hidden(module, tokens_BL, positions_BL, segment_ids_BL, peft)
+    return module.project(hidden_BLD), hidden_BLD
+
+  return nn.apply(run, Transformer(cfg))({'params': params})
 
 
 def forward_head_inputs(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL,
@@ -311,13 +362,19 @@ def forward_head_inputs(cfg: ModelConfig, params, tokens_BL, positions_BL, segme
   output projection (storage dtype; the transposed embedding when tied), whose product in the
   compute dtype with float32 accumulation is `forward`'s logits. For
   `losses.chunked_cross_entropy`, which never materialises the (B, L, V) logits."""
-  return Transformer(cfg).apply({'params': params}, tokens_BL, positions_BL, segment_ids_BL, None,
-                                peft=peft, skip_head=True)[0]
+  params, peft = _split_peft(params, peft)
+
+  def run(module):
+    return (_hidden(module, tokens_BL, positions_BL, segment_ids_BL, peft),
+            module.head_weight())
+
+  return nn.apply(run, Transformer(cfg))({'params': params})
 
 
-def forward_hidden(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, peft=None):
-  """(logits_BLV float32, final-norm hidden states hidden_BLD) without a cache."""
-  (logits_BLV, hidden_BLD), _ = Transformer(cfg).apply(
-      {'params': params}, tokens_BL, positions_BL, segment_ids_BL, None, return_hidden=True,
-      peft=peft)
-  return logits_BLV, hidden_BLD
+def _split_peft(params, peft):
+  """A trained in-model PEFT run loaded for decoding carries its leaves as `params['peft']`
+  (`lmjax.tasks.FineTuneTask.decoding_params`): they become the `peft` argument."""
+  if peft is None and 'peft' in params:
+    params = dict(params)
+    peft = params.pop('peft')
+  return params, peft

@@ -18,14 +18,14 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lmjax import config as config_lib
 from lmjax.config import ConfigError, mesh_shape
 from lmjax.parallel import sharding as sharding_lib
-from lmjax.parallel.sharding import BATCH_AXES, MESH_AXES  # noqa: F401  (re-exported)
+from lmjax.parallel.sharding import BATCH_AXES, MESH_AXES, validate_parallelism  # noqa: F401
 
 # The default preset's rules (parameters and activations), for callers without a config.
 LOGICAL_RULES = sharding_lib.preset_rules(sharding_lib.DEFAULT_PRESET)[0]
 logical_shardings = sharding_lib.logical_shardings
-state_shardings = sharding_lib.state_shardings
 
 
 def device_grid(config, devices) -> np.ndarray:
@@ -71,3 +71,28 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def validate(config, num_devices: int) -> None:
+  """The config's checks (`config.validate`), then its mesh against `num_devices` devices."""
+  config_lib.validate(config)
+  sizes = mesh_shape(config, num_devices)
+  batch_shards = sizes['data'] * sizes['fsdp']
+  micro_batch = config.batch_size // config.grad_accum_steps
+  if micro_batch % batch_shards:
+    raise ConfigError(f'batch_size: the micro-batch of {micro_batch} sequences does not divide '
+                      f'over mesh.data x mesh.fsdp = {batch_shards} devices')
+  if config.task == 'ppo' and config.post.rollout_batch % batch_shards:
+    raise ConfigError(f'post.rollout_batch: {config.post.rollout_batch} rollout rows do not divide '
+                      f'over mesh.data x mesh.fsdp = {batch_shards} devices')
+  m = config.model
+  if m.num_kv_heads % sizes['tensor'] and m.num_heads % sizes['tensor']:
+    raise ConfigError(f'mesh.tensor: {sizes["tensor"]} divides neither model.num_heads nor '
+                      'model.num_kv_heads')
+  if m.num_layers % sizes['pipeline']:
+    raise ConfigError(f'mesh.pipeline: {sizes["pipeline"]} does not divide '
+                      f'model.num_layers={m.num_layers}')
+  if m.logits_chunk and sizes['pipeline'] > 1:
+    raise ConfigError('model.logits_chunk: not supported with pipeline stages (mesh.pipeline='
+                      f'{sizes["pipeline"]}); set it to 0')
+  validate_parallelism(config, num_devices)  # presets, DCN factors, divisibility, pipeline

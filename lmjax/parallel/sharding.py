@@ -190,35 +190,6 @@ def logical_shardings(boxed_tree, mesh, rules):
   return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
-def state_specs(boxed_state, tx: optax.GradientTransformation, params_rules, opt_rules):
-  """Mesh PartitionSpecs for a whole (abstract, boxed) TrainState: params per `params_rules`, the
-  optimizer state's parameter-shaped leaves per `opt_rules` (others, e.g. step counts and
-  Adafactor's factored moments, replicated), everything else replicated."""
-  check_rule_coverage(boxed_state.params, params_rules)
-  logical = nn.get_partition_spec(boxed_state.params)
-  is_spec = lambda x: isinstance(x, PartitionSpec)
-  params_specs = nn.logical_to_mesh(logical, list(params_rules))
-  opt_param_specs = nn.logical_to_mesh(logical, list(opt_rules))
-  params = jax.tree.map(lambda x: getattr(x, 'value', x), boxed_state.params,
-                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-  def opt_leaf(leaf, param, spec):
-    return spec if getattr(leaf, 'shape', None) == param.shape else PartitionSpec()
-
-  opt_specs = optax.tree_map_params(tx, opt_leaf, boxed_state.opt_state, params, opt_param_specs,
-                                    transform_non_params=lambda _: PartitionSpec(),
-                                    is_leaf=is_spec)
-  rest = jax.tree.map(lambda _: PartitionSpec(), boxed_state.replace(params=None, opt_state=None))
-  return rest.replace(params=params_specs, opt_state=opt_specs)
-
-
-def state_shardings(boxed_state, tx: optax.GradientTransformation, mesh, params_rules, opt_rules):
-  """`state_specs` as NamedShardings on `mesh`."""
-  specs = state_specs(boxed_state, tx, params_rules, opt_rules)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 def shards_of(spec: PartitionSpec, sizes: dict) -> int:
   """How many pieces a PartitionSpec cuts an array into on a mesh of `sizes`."""
   count = 1

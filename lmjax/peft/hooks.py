@@ -63,12 +63,12 @@ def init_leaves(cfg, model_cfg, params, rng) -> dict:
   tokens_P = _random_tokens(cfg, model_cfg, k_tokens)
   embeddings_PD = jnp.take(params['embed'], tokens_P, axis=0).astype(jnp.float32)
   if cfg.method == 'prefix':
-    from lmjax.models.transformer import forward, init_cache  # pylint: disable=g-import-not-at-top
+    from lmjax.models.transformer import forward_cached, init_cache  # pylint: disable=g-import-not-at-top
     num = cfg.num_virtual_tokens
     positions = jnp.arange(num, dtype=jnp.int32)[None]
     cache = init_cache(model_cfg, 1, num, jnp.float32)
-    _, cache = forward(model_cfg, params, tokens_P[None], positions,
-                       jnp.ones_like(positions), cache)
+    _, cache = forward_cached(model_cfg, params, tokens_P[None], positions,
+                              jnp.ones_like(positions), cache)
     return {'k': cache['k'][:, 0], 'v': cache['v'][:, 0]}  # (N, P, K, Dh)
   if cfg.method == 'prompt':
     return {'embeddings': embeddings_PD}

@@ -53,3 +53,9 @@ def load_task_params(workdir: str, config=None):
     raise FileNotFoundError(f'{workdir}: no config.json (not an lmjax workdir)')
   task = from_config(config)
   return task, workdir_lib.load_params(workdir, task.abstract_params())
+
+
+def load_model(workdir: str, config=None):
+  """(ModelConfig, plain decoding params) of any lmjax workdir (see `load_trained`)."""
+  config, params = load_trained(workdir, config)
+  return ModelConfig.from_config(config.model), params

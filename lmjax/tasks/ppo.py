@@ -77,7 +77,7 @@ def _response_view(model_cfg: ModelConfig, model, rollout, temperature: float, w
     logits, hidden = forward_hidden(model_cfg, model, *args)
     hidden = hidden[:, width - 1:]
   else:
-    logits, hidden = forward(model_cfg, model, *args)[0], None
+    logits, hidden = forward(model_cfg, model, *args), None
   logits = logits[:, width - 1:] / temperature
   return (losses.token_log_probs(logits, tokens[:, width:]), losses.entropy_from_logits(logits),
           hidden)

@@ -40,7 +40,7 @@ def _pair_rows(batch):
 
 def _run(task, model, rows, peft=None):
   return forward(task.model, model, rows['inputs'], rows['positions'], rows['segment_ids'],
-                 peft=peft)[0]
+                 peft=peft)
 
 
 def reward_scores(task, params, rows, rng=None):

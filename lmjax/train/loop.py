@@ -90,7 +90,7 @@ def train(config, workdir: str, hooks: Sequence[Callable] = (),
   """Trains (or resumes) per `config` in `workdir`; returns the run summary."""
   start_time = time.time()
   distributed_lib.initialize(config)  # multi-host: before anything touches the devices
-  config_lib.validate(config, jax.device_count())
+  mesh_lib.validate(config, jax.device_count())
   attention_lib.check_available(config.model.attention)
   is_lead = jax.process_index() == 0
   workdir_lib.check_resume_compatible(config, workdir)

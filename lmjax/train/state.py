@@ -73,8 +73,8 @@ def optimizer_specs(abstract_opt_state, params, param_specs):
   return jax.tree_util.tree_map_with_path(spec_of, abstract_opt_state)
 
 
-def state_shardings(task: Task, boxed_state: TrainState, mesh, params_rules, opt_rules):
-  """NamedShardings of a whole (abstract, boxed) TrainState: params per `params_rules` (the
+def state_specs(task: Task, boxed_state: TrainState, params_rules, opt_rules):
+  """PartitionSpecs of a whole (abstract, boxed) TrainState: params per `params_rules` (the
   frozen half too), the optimizer state's parameter-shaped leaves per `opt_rules`, the rest
   replicated."""
   sharding_lib.check_rule_coverage(boxed_state.params, params_rules)
@@ -86,16 +86,26 @@ def state_shardings(task: Task, boxed_state: TrainState, mesh, params_rules, opt
   trainable = task.split(plain)[0]
   opt_specs = optimizer_specs(boxed_state.opt_state, trainable, trainable_opt_specs)
   rest = jax.tree.map(lambda _: PartitionSpec(), boxed_state.replace(params=None, opt_state=None))
-  specs = rest.replace(params=params_specs, opt_state=opt_specs)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+  return rest.replace(params=params_specs, opt_state=opt_specs)
+
+
+def state_shardings(task: Task, boxed_state: TrainState, mesh, params_rules, opt_rules):
+  """`state_specs` as NamedShardings on `mesh`."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      state_specs(task, boxed_state, params_rules, opt_rules),
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def abstract_state(task: Task, tx, seed: int = 0) -> TrainState:
+  """The boxed state's shapes (logical axis names attached), nothing allocated."""
+  with nn.logical_axis_rules(()):  # init traces the model on a 1-row batch: no constraints
+    return jax.eval_shape(lambda: init_state(task, tx, seed))
 
 
 def build_state(task: Task, tx, seed: int, mesh, rules):
   """(compiled create(), abstract state with shardings). Nothing is allocated until `create()`
   runs, and then directly sharded. `rules` = (params rules, optimizer-state rules)."""
-  with nn.logical_axis_rules(()):  # init traces the model on a 1-row batch: no constraints
-    boxed = jax.eval_shape(lambda: init_state(task, tx, seed))
+  boxed = abstract_state(task, tx, seed)
   shardings = state_shardings(task, boxed, mesh, *rules)
 
   def create():
