@@ -95,10 +95,6 @@ def chunked_cross_entropy(hidden_BLD, w_DV, targets_BL, weights_BL, chunk: int,
 # ----------------------------------------------------------------------------------------------
 
 
-def masked_sum(x, mask, axis=None):
-  return jnp.sum(x * mask, axis=axis)
-
-
 def masked_mean(x, mask, axis=None):
   """Mean of `x` over the entries where `mask` is 1 (masked entries never contribute)."""
   mask = mask.astype(jnp.float32)

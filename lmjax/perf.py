@@ -15,18 +15,14 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lmjax.paths import cache_dir
+
 # device_kind substring -> dense peak FLOP/s per device (bfloat16)
 _ACCELERATOR_PEAKS = (
     ('v6', 918e12), ('v5p', 459e12), ('v5 lite', 197e12), ('v5e', 197e12), ('v4', 275e12),
     ('v3', 123e12), ('h200', 989e12), ('h100', 989e12), ('a100', 312e12), ('l4', 121e12),
     ('b200', 2250e12),
 )
-
-
-def cache_dir() -> str:
-  """lmjax's cache (tokenizers, the CPU peak): $LMJAX_CACHE_DIR, else ~/.cache/lmjax."""
-  return os.environ.get('LMJAX_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache',
-                                                           'lmjax')
 
 
 def peak_flops_per_device() -> float:
@@ -44,7 +40,7 @@ def peak_flops_per_device() -> float:
 
 def _measured_cpu_peak() -> float:
   key = f'{platform.node()}-{platform.processor() or platform.machine()}-{os.cpu_count()}'
-  path = os.path.join(cache_dir(), 'peak_flops.json')
+  path = cache_dir('peak_flops.json')
   try:
     with open(path, encoding='utf-8') as f:
       cached = json.load(f)

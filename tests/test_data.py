@@ -12,6 +12,7 @@ import pytest
 from lmjax.config import base_config
 from lmjax.data import (DataError, load_sources, make_eval_batches, make_train_iterator, packing,
                         pipeline, skipped_count, sources, tokenizer)
+from lmjax.data.jsonl import read_jsonl, write_jsonl
 
 VOCAB = 512
 
@@ -322,6 +323,41 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
   (tmp_path / 'bad.jsonl').write_text('{"text": "ok"}\n\n{not json\n')
   with pytest.raises(DataError, match=r'bad\.jsonl:3: not valid JSON'):
     load_sources(_config(path).data)
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+  path = tmp_path / 'records.jsonl'
+  path.write_text('{"prompt": "a"}\n\n{"prompt": "b", "n": 1}\n')
+  assert read_jsonl(str(path)) == [{'prompt': 'a'}, {'prompt': 'b', 'n': 1}]
+  assert read_jsonl(str(path), 'prompt') == ['a', 'b']
+  write_jsonl(str(tmp_path / 'copy.jsonl'), [{'t': 'ü'}, [1, 2]])
+  assert read_jsonl(str(tmp_path / 'copy.jsonl')) == [{'t': 'ü'}, [1, 2]]
+  path.write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
+  with pytest.raises(DataError, match=r'records\.jsonl:3: no string field .prompt.'):
+    read_jsonl(str(path), 'prompt')
+  path.write_text('{"prompt": "a"}\n{not json\n')
+  with pytest.raises(DataError, match=r'records\.jsonl:2: not valid JSON'):
+    read_jsonl(str(path))
+  path.write_bytes(b'{"prompt": "caf\xe9"}\n')
+  with pytest.raises(DataError, match=r'records\.jsonl:1: not valid UTF-8'):
+    read_jsonl(str(path))
+
+  def encode(record):
+    if record.get('prompt') != 'a':
+      raise DataError('prompt must be "a"')
+    return record['prompt']
+
+  path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+  with pytest.raises(DataError, match=r'records\.jsonl:2: prompt must be "a"'):
+    read_jsonl(str(path), encode=encode)
+  with pytest.raises(DataError, match=r'missing\.jsonl: cannot read'):
+    read_jsonl(str(tmp_path / 'missing.jsonl'))
+  with pytest.raises(DataError, match='post.train_file: a JSONL file is required'):
+    read_jsonl('', what='post.train_file')
+  (tmp_path / 'empty.jsonl').write_text('\n')
+  assert read_jsonl(str(tmp_path / 'empty.jsonl')) == []
+  with pytest.raises(DataError, match='post.train_file: .*empty.jsonl.* holds no examples'):
+    read_jsonl(str(tmp_path / 'empty.jsonl'), what='post.train_file')
 
 
 def test_skip_mode_counts_and_trains(tmp_path, corpus, tok):

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax import evaluate as eval_lib
+from lmjax import evaluation as eval_lib
 from lmjax.cli import main as cli_main
+from lmjax.data import DataError
 from lmjax.inference.scoring import score_sequences
 from lmjax.models.transformer import ModelConfig, forward, init_params
 
@@ -36,7 +37,7 @@ def _model(vocab=40, max_seq_len=64):
 @functools.lru_cache(maxsize=None)
 def _jitted_forward(cfg):
   return jax.jit(lambda params, tokens, positions, segments: forward(cfg, params, tokens,
-                                                                      positions, segments)[0])
+                                                                      positions, segments))
 
 
 def _reference_logprobs(cfg, params, seq):
@@ -143,8 +144,8 @@ def test_choice_accuracy_normalisations():
   got = eval_lib.choice_accuracy(items, loglikelihoods)
   assert got == {'accuracy': 0.0, 'accuracy_per_char': 1.0, 'accuracy_per_token': 1.0,
                  'questions': 1}
-  with pytest.raises(ValueError, match='answer'):
-    eval_lib.check_choice_items([{'question': 'q', 'choices': ['a', 'b'], 'answer': 2}])
+  with pytest.raises(DataError, match='answer'):
+    eval_lib.check_choice_item({'question': 'q', 'choices': ['a', 'b'], 'answer': 2})
 
 
 # ---- the CLI on a tiny trained workdir ----

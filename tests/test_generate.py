@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lmjax.generate import SamplingConfig, generate, left_pad, prefill, sample_tokens
-from lmjax.models.transformer import ModelConfig, forward, init_params
+from lmjax.inference.generate import SamplingConfig, generate, left_pad, prefill, sample_tokens
+from lmjax.models.transformer import ModelConfig, forward, forward_cached, init_params
 
 
 def _model(num_kv_heads=2, vocab=64, init_std=0.5, seed=0, num_layers=1):
@@ -24,7 +24,7 @@ def _model(num_kv_heads=2, vocab=64, init_std=0.5, seed=0, num_layers=1):
 @functools.lru_cache(maxsize=None)
 def _jitted_forward(cfg):
   return jax.jit(lambda params, tokens, positions, segments: forward(cfg, params, tokens,
-                                                                      positions, segments)[0])
+                                                                      positions, segments))
 
 
 def _full_logits(cfg, params, seq, width=32):
@@ -63,8 +63,8 @@ def test_cached_logits_match_full_forward_every_step(num_kv_heads):
   logits_BV, cache = prefill(cfg, params, tokens, positions, segments,
                              max_len=tokens.shape[1] + steps)
   pos_B = np.asarray([len(p) for p in PROMPTS], np.int32)
-  step = jax.jit(lambda c, t, p: forward(cfg, params, t[:, None], p[:, None],
-                                         jnp.ones_like(t[:, None]), c))
+  step = jax.jit(lambda c, t, p: forward_cached(cfg, params, t[:, None], p[:, None],
+                                                jnp.ones_like(t[:, None]), c))
   cached = [np.asarray(logits_BV)]
   for t in range(steps - 1):
     logits_B1V, cache = step(cache, continuations[:, t], pos_B + t)

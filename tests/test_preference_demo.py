@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lmjax.data.sft import read_jsonl
+from lmjax.data.jsonl import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(

@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 
 from lmjax import config as config_lib  # noqa: E402
 from lmjax.cli import split_overrides  # noqa: E402
-from lmjax.generate import SamplingConfig, decode, generate_without_cache, prefill  # noqa: E402
+from lmjax.inference.generate import (  # noqa: E402
+    SamplingConfig, decode, generate_without_cache, prefill)
 from lmjax.models.transformer import ModelConfig, init_params  # noqa: E402
 
 

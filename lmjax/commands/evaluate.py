@@ -2,7 +2,7 @@
 multiple-choice accuracy of a trained workdir.
 
 Writes the results to DIR/eval.json and appends them to DIR/metrics.jsonl (split 'eval', at the
-step of the evaluated checkpoint). See `lmjax.evaluate` for the definitions.
+step of the evaluated checkpoint). See `lmjax.evaluation` for the definitions.
 
   --source          text to evaluate (a `data.source` spec: GLOB, F.jsonl, mixtures); default: the
                     workdir's held-out split
@@ -14,12 +14,10 @@ step of the evaluated checkpoint). See `lmjax.evaluate` for the definitions.
 
 from __future__ import annotations
 
-import json
-import os
-
-from lmjax.commands.common import load_model, print_json, workdir_config
+from lmjax.commands.common import print_json
 from lmjax.commands.sample import add_sampling_arguments
 from lmjax.config import ConfigError
+from lmjax.workdir import config_of
 
 
 def add_arguments(parser) -> None:
@@ -35,80 +33,17 @@ def add_arguments(parser) -> None:
   add_sampling_arguments(parser)
 
 
-def evaluation_texts(config, source: str | None, max_documents: int | None) -> list[str]:
-  """The held-out documents of the workdir's data (or every document of `source`)."""
-  from lmjax.data import pipeline, sources as sources_lib  # pylint: disable=g-import-not-at-top
-  data = config.data
-  if source:
-    data.source = source
-  sources = sources_lib.load_sources(data)
-  if source:
-    refs = [ref for s in sources for ref in s.docs]
-  else:
-    refs = pipeline.eval_refs(sources, data.eval_fraction)
-    if not refs:
-      raise ConfigError(f'data.eval_fraction: {data.eval_fraction} holds out no documents of '
-                        f'{data.source!r}; pass --source')
-  if max_documents is not None:
-    refs = refs[:max_documents]
-  return [sources_lib.read_document(ref, data.text_field) for ref in refs]
-
-
-def checkpoint_step(workdir: str) -> int:
-  """The step of the checkpoint `load_model` reads (0 for a params-only workdir)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-  return max(steps, default=0)
-
-
 def run(args) -> int:
-  from lmjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from lmjax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-  from lmjax.commands.sample import complete, read_jsonl, sampling_config  # pylint: disable=g-import-not-at-top
-  config = workdir_config(args.workdir, args.overrides)
-  tokenizer = data_lib.load_or_train_tokenizer(config.data, config.model.vocab_size)
-  generation = read_jsonl(args.generation_file) if args.generation_file else None
-  choices = read_jsonl(args.choices_file) if args.choices_file else None
-  if generation is not None:
-    for i, record in enumerate(generation, start=1):
-      if not (isinstance(record, dict) and isinstance(record.get('prompt'), str) and
-              isinstance(record.get('reference'), str)):
-        raise ConfigError(f'{args.generation_file}: record {i}: needs "prompt" and "reference"')
-  if choices is not None:
-    try:
-      eval_lib.check_choice_items(choices, args.choices_file)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-  texts = None
-  if not args.no_perplexity:
-    try:
-      texts = evaluation_texts(config, args.source, args.max_documents)
-    except data_lib.DataError as e:
-      raise ConfigError(str(e)) from None
-  model_cfg, params = load_model(args.workdir, config)
-
-  results = {}
-  if texts is not None:
-    results.update(eval_lib.text_perplexity(model_cfg, params, tokenizer, texts,
-                                            args.window or config.seq_len, args.batch_size))
-    results['source'] = args.source or f'held-out split of {config.data.source}'
-  if generation is not None:
-    cfg = sampling_config(config, tokenizer, args)
-    records = complete(model_cfg, params, tokenizer, [r['prompt'] for r in generation], cfg,
-                       args.seed, args.batch_size)
-    metrics = eval_lib.generation_metrics([r['completion'] for r in records],
-                                          [r['reference'] for r in generation])
-    results.update(metrics, generation_examples=len(generation))
-  if choices is not None:
-    scores = eval_lib.choice_loglikelihoods(model_cfg, params, tokenizer, choices, args.batch_size)
-    accuracy = eval_lib.choice_accuracy(choices, scores)
-    results.update({f'mc_{key}': value for key, value in accuracy.items()})
-
-  step = checkpoint_step(args.workdir)
-  with open(os.path.join(args.workdir, 'eval.json'), 'w', encoding='utf-8') as f:
-    json.dump({'step': step, **results}, f, indent=2, sort_keys=True)
-  numbers = {k: v for k, v in results.items() if isinstance(v, (int, float))}
-  with open(os.path.join(args.workdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
-    f.write(json.dumps({'step': step, 'split': 'eval', **numbers}) + '\n')
-  print_json({'step': step, **results})
+  from lmjax.data import DataError  # pylint: disable=g-import-not-at-top
+  from lmjax.evaluation import evaluate_workdir  # pylint: disable=g-import-not-at-top
+  config = config_of(args.workdir, args.overrides)
+  try:
+    results = evaluate_workdir(
+        args.workdir, config, source=args.source, max_documents=args.max_documents,
+        window=args.window, perplexity=not args.no_perplexity,
+        generation_file=args.generation_file, choices_file=args.choices_file, flags=args,
+        seed=args.seed, batch_size=args.batch_size)
+  except DataError as e:
+    raise ConfigError(str(e)) from None
+  print_json(results)
   return 0

@@ -7,8 +7,8 @@ used as given). The output repeats the record and adds `tokens` (for text record
 
 from __future__ import annotations
 
-from lmjax.commands.common import load_model, workdir_config
 from lmjax.config import ConfigError
+from lmjax.workdir import config_of
 
 
 def add_arguments(parser) -> None:
@@ -18,39 +18,16 @@ def add_arguments(parser) -> None:
   parser.add_argument('--batch_size', type=int, default=8, help='sequences per forward pass')
 
 
-def token_sequences(records: list, tokenizer, vocab_size: int, where: str) -> list[list[int]]:
-  sequences = []
-  for i, record in enumerate(records, start=1):
-    if isinstance(record, dict) and isinstance(record.get('tokens'), list):
-      ids = record['tokens']
-      if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
-        raise ConfigError(f'{where}: record {i}: "tokens" must be ids in [0, {vocab_size})')
-      sequences.append(list(ids))
-    elif isinstance(record, dict) and isinstance(record.get('text'), str):
-      sequences.append([tokenizer.bos_id] + tokenizer.encode(record['text']))
-    else:
-      raise ConfigError(f'{where}: record {i}: needs "text" (str) or "tokens" (list of ids)')
-  return sequences
-
-
 def run(args) -> int:
-  from lmjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from lmjax.commands.sample import read_jsonl, write_jsonl  # pylint: disable=g-import-not-at-top
-  from lmjax.inference.scoring import score_sequences  # pylint: disable=g-import-not-at-top
-  config = workdir_config(args.workdir, args.overrides)
-  tokenizer = data_lib.load_or_train_tokenizer(config.data, config.model.vocab_size)
-  records = read_jsonl(args.input)
-  sequences = token_sequences(records, tokenizer, config.model.vocab_size, args.input)
-  model_cfg, params = load_model(args.workdir, config)
+  from lmjax.data.jsonl import write_jsonl  # pylint: disable=g-import-not-at-top
+  from lmjax.data.sources import DataError  # pylint: disable=g-import-not-at-top
+  from lmjax.inference.scoring import score_jsonl  # pylint: disable=g-import-not-at-top
+  config = config_of(args.workdir, args.overrides)
   try:
-    logps = score_sequences(model_cfg, params, sequences, args.batch_size)
-  except ValueError as e:
-    raise ConfigError(f'{args.input}: {e}') from None
-  out = []
-  for record, ids, logp in zip(records, sequences, logps):
-    values = [float(x) for x in logp]
-    out.append({**record, 'tokens': ids, 'logprobs': values, 'sum_logprob': float(sum(values))})
+    out = score_jsonl(args.workdir, config, args.input, args.batch_size)
+  except DataError as e:
+    raise ConfigError(str(e)) from None
   write_jsonl(args.output, out)
-  print(f'scored {len(out)} sequences ({sum(len(s) - 1 for s in sequences)} tokens) -> '
+  print(f'scored {len(out)} sequences ({sum(len(r["tokens"]) - 1 for r in out)} tokens) -> '
         f'{args.output}')
   return 0

@@ -24,7 +24,7 @@ def run(args) -> int:
                      if summary.get(key) is not None)
   print(f'finished step {summary["step"]}' + (f': {losses}' if losses else ''))
   if not args.no_sample:
-    from lmjax.commands.sample import sample_text  # pylint: disable=g-import-not-at-top
+    from lmjax.inference.complete import sample_text  # pylint: disable=g-import-not-at-top
     print('--- sample ---')
     print(config.sample.prompt + sample_text(args.workdir, config, [config.sample.prompt])[0])
   return 0

@@ -109,7 +109,7 @@ def make_preference_iterator(config, tok, process_index: int = 0, process_count:
                       'records; a file cannot mix the two')
     return encode_unpaired(tok, record) if unpaired[0] else encode_pair(tok, record)
 
-  examples = sft.read_jsonl(path, encode)
+  examples = sft.read_train_file(path, encode)
   row_len = config.seq_len + 1
   make_batch = pair_batch
   if unpaired[0]:

@@ -15,39 +15,19 @@ is truncated. The iterator is infinite (reshuffled each epoch) and checkpointabl
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 import numpy as np
 
 from lmjax.data import packing
-
+from lmjax.data.jsonl import read_jsonl
 from lmjax.data.sources import DataError
 
 
-def read_jsonl(path: str, encode: Callable | None = None) -> list:
-  """The file's records, each passed through `encode(record)` when given; a record that is not
-  JSON, or that `encode` rejects with a DataError, is reported as `path:line: ...`."""
-  if not path:
-    raise DataError('post.train_file: a JSONL file is required for this task')
-  records = []
-  try:
-    with open(path, encoding='utf-8') as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise DataError(f'{path}:{n}: not JSON: {e}') from None
-          try:
-            records.append(encode(record) if encode else record)
-          except DataError as e:
-            raise DataError(f'{path}:{n}: {e}') from None
-  except OSError as e:
-    raise DataError(f'post.train_file: cannot read {path!r}: {e.strerror}') from None
-  if not records:
-    raise DataError(f'post.train_file: {path!r} holds no examples')
-  return records
+def read_train_file(path: str, encode: Callable | None = None) -> list:
+  """The records of `post.train_file` (see `jsonl.read_jsonl`), each passed through `encode`; a
+  missing path or a file without records is an error naming post.train_file."""
+  return read_jsonl(path, encode=encode, what='post.train_file')
 
 
 def encode_prompt_response(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -161,7 +141,7 @@ class EpochIterator:
 
 
 def make_sft_iterator(config, tok, process_index: int = 0, process_count: int = 1):
-  examples = read_jsonl(config.post.train_file, lambda r: encode_sft(tok, r))
+  examples = read_train_file(config.post.train_file, lambda r: encode_sft(tok, r))
   row_len = config.seq_len + 1
   pack = config.post.pack
   make_rows = lambda example_at, start, rows: pack_examples(example_at, start, rows, row_len, pack)

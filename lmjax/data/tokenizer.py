@@ -19,8 +19,8 @@ import time
 
 import sentencepiece as spm
 
-from lmjax import perf
 from lmjax.data import sources as sources_lib
+from lmjax.paths import cache_dir
 
 _log = logging.getLogger(__name__)
 
@@ -108,10 +108,6 @@ class Tokenizer:
 
   def decode(self, ids) -> str:
     return _unescape(self._sp.decode([int(i) for i in ids]))
-
-
-def cache_dir() -> str:
-  return os.path.join(perf.cache_dir(), 'tokenizers')
 
 
 def _text_chunks(text: str):
@@ -219,7 +215,7 @@ def train_sources(data_config) -> list[sources_lib.Source]:
 
 def train_or_load_cached(texts: list[str], vocab_size: int) -> Tokenizer:
   """The cached model for exactly these texts and settings, training it on a miss."""
-  path = os.path.join(cache_dir(), f'{_cache_key(texts, vocab_size)}.model')
+  path = cache_dir('tokenizers', f'{_cache_key(texts, vocab_size)}.model')
   if os.path.isfile(path):
     return load_tokenizer(path, vocab_size)
   start = time.time()

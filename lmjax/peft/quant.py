@@ -138,10 +138,6 @@ def dequantize_tree(tree, stacked: bool = False, dtype=jnp.float32):
   return traverse_util.unflatten_dict(out)
 
 
-def has_quantized(tree) -> bool:
-  return any(p[-1] in QUANT_DTYPES for p in traverse_util.flatten_dict(tree or {}))
-
-
 def weight_shapes(tree, stacked: bool = False) -> dict:
   """{path: shape} of every quantised weight of `tree`, as it decodes (nothing is computed)."""
   decoded = jax.eval_shape(lambda t: dequantize_tree(t, stacked), tree)

@@ -70,10 +70,6 @@ def add_row(path: str, row: dict) -> bool:
     return True
 
 
-def names_in(path: str) -> set[str]:
-  return {r['name'] for r in read_rows(path)}
-
-
 def numeric_column(rows: list[dict[str, str]], column: str) -> np.ndarray:
   """A column as floats, NaN where empty or missing."""
   values = []

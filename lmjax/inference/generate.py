@@ -21,7 +21,7 @@ import numpy as np
 
 from lmjax.inference.beam import beam_search
 from lmjax.inference.sampling import SamplingConfig, choose, filter_logits, sample_tokens
-from lmjax.models.transformer import ModelConfig, forward, init_cache
+from lmjax.models.transformer import ModelConfig, forward, forward_cached, init_cache
 
 __all__ = ['SamplingConfig', 'decode', 'filter_logits', 'generate', 'generate_without_cache',
            'left_pad', 'prefill', 'sample_tokens']
@@ -50,7 +50,8 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
 def prefill(model_cfg: ModelConfig, params, tokens_BP, positions_BP, segments_BP, max_len: int):
   """Runs the prompts into a fresh cache of `max_len` slots: (last-token logits_BV, cache)."""
   cache = init_cache(model_cfg, tokens_BP.shape[0], max_len)
-  logits_BPV, cache = forward(model_cfg, params, tokens_BP, positions_BP, segments_BP, cache)
+  logits_BPV, cache = forward_cached(model_cfg, params, tokens_BP, positions_BP, segments_BP,
+                                     cache)
   return logits_BPV[:, -1], cache
 
 
@@ -85,8 +86,8 @@ def decode(model_cfg: ModelConfig, cfg: SamplingConfig, params, cache, logits_BV
         done=s['done'] | jnp.isin(token_B, stop_ids))
 
   def step(s):
-    logits_B1V, cache = forward(model_cfg, params, s['token'][:, None], s['pos'][:, None],
-                                jnp.ones((batch, 1), jnp.int32), s['cache'])
+    logits_B1V, cache = forward_cached(model_cfg, params, s['token'][:, None], s['pos'][:, None],
+                                       jnp.ones((batch, 1), jnp.int32), s['cache'])
     return emit(dict(s, cache=cache, pos=s['pos'] + 1), logits_B1V[:, 0])
 
   state = {
@@ -144,7 +145,7 @@ def generate_without_cache(model_cfg: ModelConfig, params, tokens_BP, positions_
 
   def step(t, carry):
     tokens_BT, segments_BT = carry
-    logits_BTV, _ = forward(model_cfg, params, tokens_BT, positions_BT, segments_BT)
+    logits_BTV = forward(model_cfg, params, tokens_BT, positions_BT, segments_BT)
     token_B = jnp.argmax(logits_BTV[:, p + t - 1], axis=-1).astype(jnp.int32)
     return tokens_BT.at[:, p + t].set(token_B), segments_BT.at[:, p + t].set(1)
 

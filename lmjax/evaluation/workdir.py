@@ -1,0 +1,95 @@
+"""Evaluating a trained workdir (`lmjax eval`): which texts, which checkpoint, where results go.
+
+`evaluate_workdir` reads and checks every input first, then loads the model once and runs the
+evaluations asked for. It writes the results to WORKDIR/eval.json and appends their numbers to
+WORKDIR/metrics.jsonl (split 'eval', at the step of the evaluated checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from lmjax import data as data_lib
+from lmjax.data import pipeline, sources as sources_lib
+from lmjax.data.jsonl import read_jsonl
+from lmjax.data.sources import DataError
+from lmjax.evaluation.choice import check_choice_item, choice_accuracy, choice_loglikelihoods
+from lmjax.evaluation.generation import check_generation_record, generation_metrics
+from lmjax.evaluation.loss import text_perplexity
+from lmjax.inference.complete import complete, sampling_config
+
+
+def evaluation_texts(config, source: str | None, max_documents: int | None) -> list[str]:
+  """The held-out documents of the workdir's data (or every document of `source`)."""
+  data = config.data
+  if source:
+    data.source = source
+  sources = sources_lib.load_sources(data)
+  if source:
+    refs = [ref for s in sources for ref in s.docs]
+  else:
+    refs = pipeline.eval_refs(sources, data.eval_fraction)
+    if not refs:
+      raise DataError(f'data.eval_fraction: {data.eval_fraction} holds out no documents of '
+                      f'{data.source!r}; pass --source')
+  if max_documents is not None:
+    refs = refs[:max_documents]
+  return [sources_lib.read_document(ref, data.text_field) for ref in refs]
+
+
+def checkpoint_step(workdir: str) -> int:
+  """The step of the checkpoint `load_model` reads (0 for a params-only workdir)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  return max(steps, default=0)
+
+
+def evaluate_workdir(workdir: str, config, *, source: str | None = None,
+                     max_documents: int | None = None, window: int | None = None,
+                     perplexity: bool = True, generation_file: str | None = None,
+                     choices_file: str | None = None, flags=None, seed: int = 0,
+                     batch_size: int = 32) -> dict:
+  """Evaluates the workdir's model and records the results; returns {'step', **results}.
+
+  perplexity: loss, perplexity and bits per byte of the held-out split of the workdir's data (or
+    of every document of `source`, a `data.source` spec), at most `max_documents`, in windows of
+    `window` tokens (default: config.seq_len).
+  generation_file: JSONL of {"prompt", "reference"}: ROUGE-1/2/L and BLEU of the completions,
+    decoded per `sampling_config(config, tokenizer, flags)`.
+  choices_file: JSONL of {"question", "choices", "answer"}: accuracy of the most likely choice
+    (keys prefixed with `mc_`).
+  A bad input is a DataError naming the file (and line).
+  """
+  from lmjax.tasks import load_model  # pylint: disable=g-import-not-at-top
+  tokenizer = data_lib.load_or_train_tokenizer(config.data, config.model.vocab_size)
+  generation = (read_jsonl(generation_file, encode=check_generation_record)
+                if generation_file else None)
+  choices = read_jsonl(choices_file, encode=check_choice_item) if choices_file else None
+  texts = evaluation_texts(config, source, max_documents) if perplexity else None
+  model_cfg, params = load_model(workdir, config)
+
+  results = {}
+  if texts is not None:
+    results.update(text_perplexity(model_cfg, params, tokenizer, texts, window or config.seq_len,
+                                   batch_size))
+    results['source'] = source or f'held-out split of {config.data.source}'
+  if generation is not None:
+    cfg = sampling_config(config, tokenizer, flags)
+    records = complete(model_cfg, params, tokenizer, [r['prompt'] for r in generation], cfg, seed,
+                       batch_size)
+    metrics = generation_metrics([r['completion'] for r in records],
+                                 [r['reference'] for r in generation])
+    results.update(metrics, generation_examples=len(generation))
+  if choices is not None:
+    scores = choice_loglikelihoods(model_cfg, params, tokenizer, choices, batch_size)
+    accuracy = choice_accuracy(choices, scores)
+    results.update({f'mc_{key}': value for key, value in accuracy.items()})
+
+  step = checkpoint_step(workdir)
+  with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:
+    json.dump({'step': step, **results}, f, indent=2, sort_keys=True)
+  numbers = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+    f.write(json.dumps({'step': step, 'split': 'eval', **numbers}) + '\n')
+  return {'step': step, **results}
