@@ -1,4 +1,4 @@
-"""Model properties: causality, document isolation, scan/remat equivalence, attention masks."""
+"""Model properties: causality, document isolation, scan/remat equivalence, remat memory, masks."""
 
 import dataclasses
 
@@ -11,13 +11,6 @@ import pytest
 from lmjax.models import attention as attention_lib
 from lmjax.models.transformer import ModelConfig, forward, init_params
 
-CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=48)
-
-
-def _params(cfg=CFG, seed=0):
-  return nn.unbox(init_params(cfg, jax.random.key(seed)))
-
 
 def _inputs(batch=2, length=12, seed=1, vocab=64):
   tokens = jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab)
@@ -25,36 +18,35 @@ def _inputs(batch=2, length=12, seed=1, vocab=64):
   return tokens, positions, jnp.ones((batch, length), jnp.int32)
 
 
-def test_future_tokens_never_reach_past_logits():
-  params = _params()
+def test_future_tokens_never_reach_past_logits(tiny_model, tiny_params):
+  cfg, params = tiny_model, tiny_params
   tokens, positions, segments = _inputs()
   t = 6
   # past tokens use ids < 32, future ones ids >= 32: the future's embedding rows get no gradient
   tokens = jnp.concatenate([tokens[:, :t] % 32, 32 + tokens[:, t:] % 32], axis=1)
 
   def past_logits(p):
-    return forward(CFG, p, tokens, positions, segments)[0][:, :t].sum()
+    return forward(cfg, p, tokens, positions, segments)[:, :t].sum()
 
   grad_embed = jax.grad(past_logits)(params)['embed']
   assert np.abs(grad_embed[:32]).max() > 0
   np.testing.assert_array_equal(grad_embed[32:], 0.0)
   changed = tokens.at[:, t:].set((tokens[:, t:] + 7) % 64)
-  np.testing.assert_array_equal(forward(CFG, params, tokens, positions, segments)[0][:, :t],
-                                forward(CFG, params, changed, positions, segments)[0][:, :t])
+  np.testing.assert_array_equal(forward(cfg, params, tokens, positions, segments)[:, :t],
+                                forward(cfg, params, changed, positions, segments)[:, :t])
 
 
-def test_packed_documents_are_isolated():
-  params = _params()
-  doc1 = jnp.array([5, 9, 2, 7, 1])
-  doc2 = jnp.array([3, 3, 8, 4, 6, 10, 11])
-  tokens = jnp.concatenate([doc1, doc2])[None]
-  positions = jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None]
-  segments = jnp.concatenate([jnp.ones(5, jnp.int32), 2 * jnp.ones(7, jnp.int32)])[None]
-  packed = forward(CFG, params, tokens, positions, segments)[0][0]
-  other = forward(CFG, params, tokens.at[0, 5:].set(0), positions, segments)[0][0]
-  np.testing.assert_array_equal(packed[:5], other[:5])
-  alone = forward(CFG, params, doc2[None], jnp.arange(7)[None], jnp.ones((1, 7), jnp.int32))[0][0]
-  np.testing.assert_allclose(packed[5:], alone, atol=1e-5)
+def test_packed_documents_are_isolated(tiny_model, tiny_params, packed_batch):
+  cfg, params = tiny_model, tiny_params
+  tokens, positions, segments = (packed_batch[k] for k in ('inputs', 'positions', 'segment_ids'))
+  row, first = 0, 7  # row 0: a 7-token document, then the start of a 10-token one
+  packed = forward(cfg, params, tokens, positions, segments)[row]
+  other = forward(cfg, params, tokens.at[row, first:].set(0), positions, segments)[row]
+  np.testing.assert_array_equal(packed[:first], other[:first])
+  assert not np.allclose(packed[first:], other[first:], atol=1e-4)  # the edit did change doc 2
+  doc2 = tokens[row:row + 1, first:]
+  alone = forward(cfg, params, doc2, positions[row:row + 1, first:], jnp.ones_like(doc2))[0]
+  np.testing.assert_allclose(packed[first:], alone, atol=1e-5)
 
 
 def _stack_layers(params, num_layers):
@@ -63,29 +55,56 @@ def _stack_layers(params, num_layers):
 
 
 @pytest.mark.parametrize('remat', ['none', 'full'])
-def test_scan_equals_unrolled_values_and_grads(remat):
-  params = _params()
-  scan_cfg = dataclasses.replace(CFG, scan_layers=True, remat=remat)
-  scan_params = _stack_layers(dict(params), CFG.num_layers)
+def test_scan_equals_unrolled_values_and_grads(tiny_model, tiny_params, remat):
+  cfg, params = tiny_model, tiny_params
+  scan_cfg = dataclasses.replace(cfg, scan_layers=True, remat=remat)
+  scan_params = _stack_layers(dict(params), cfg.num_layers)
   tokens, positions, segments = _inputs()
-  loss = lambda cfg: lambda p: jnp.mean(forward(cfg, p, tokens, positions, segments)[0] ** 2)
-  value, grads = jax.value_and_grad(loss(CFG))(params)
+  loss = lambda cfg: lambda p: jnp.mean(forward(cfg, p, tokens, positions, segments) ** 2)
+  value, grads = jax.value_and_grad(loss(cfg))(params)
   scan_value, scan_grads = jax.value_and_grad(loss(scan_cfg))(scan_params)
   np.testing.assert_allclose(value, scan_value, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               _stack_layers(dict(grads), CFG.num_layers), scan_grads)
+               _stack_layers(dict(grads), cfg.num_layers), scan_grads)
 
 
-@pytest.mark.parametrize('remat', ['full', 'dots', 'dots_saveable', 'minimal'])
-def test_remat_equals_no_remat(remat):
-  params = _params()
-  tokens, positions, segments = _inputs()
-  loss = lambda cfg: lambda p: jnp.mean(forward(cfg, p, tokens, positions, segments)[0] ** 2)
-  value, grads = jax.value_and_grad(loss(CFG))(params)
-  remat_value, remat_grads = jax.value_and_grad(loss(dataclasses.replace(CFG, remat=remat)))(params)
-  np.testing.assert_allclose(value, remat_value, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
-               remat_grads)
+# Big enough that the activations the backward keeps dominate XLA's temporaries: 4 layers,
+# 4 x 64 tokens. What each policy keeps per layer beyond `full` (the layer input): `minimal` the
+# attention output (T x H x Dh); `dots_saveable` every matmul without batch dimensions (q, k, v,
+# o, gate, up, down); `dots` those and the batched attention products (scores, attention output);
+# `none` everything.
+_REMAT_CFG = ModelConfig(vocab_size=64, num_layers=4, d_model=64, num_heads=4, num_kv_heads=2,
+                         head_dim=16, mlp_dim=128)
+_REMAT_POLICIES = ('none', 'dots', 'dots_saveable', 'minimal', 'full')  # most kept first
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_remat_policies_keep_what_they_name(scan):
+  """Every policy gives the gradient of no remat; with scanned layers XLA's temporaries of the
+  compiled gradient fall strictly from none to dots to dots_saveable to minimal to full, and
+  minimal keeps about one attention output per layer more than full (were a policy ignored, two
+  of them would compile to the same program). Unrolled layers on CPU: XLA schedules the
+  recomputation early, so only none > every policy holds there (checked)."""
+  base = dataclasses.replace(_REMAT_CFG, scan_layers=scan)
+  params = nn.unbox(init_params(base, jax.random.key(0)))
+  batch, length = 4, 64
+  tokens, positions, segments = _inputs(batch, length, vocab=base.vocab_size)
+  temp, grads = {}, {}
+  for remat in _REMAT_POLICIES:
+    cfg = dataclasses.replace(base, remat=remat)
+    loss = lambda p, cfg=cfg: jnp.mean(forward(cfg, p, tokens, positions, segments) ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    grads[remat] = compiled(params)
+  for remat in _REMAT_POLICIES[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grads['none'], grads[remat])
+    assert temp['none'] > temp[remat], temp
+  if scan:
+    assert [temp[r] for r in _REMAT_POLICIES] == sorted(temp.values(), reverse=True), temp
+    assert len(set(temp.values())) == len(_REMAT_POLICIES), temp
+    attention_outputs = base.num_layers * batch * length * base.num_heads * base.head_dim * 4
+    assert temp['minimal'] - temp['full'] == pytest.approx(attention_outputs, rel=0.25), temp
 
 
 def _naive_attention(q, k, v, mask):
@@ -127,20 +146,21 @@ def test_fully_masked_query_outputs_zero():
   assert np.all(np.isfinite(jax.grad(lambda q: attention_lib.xla_attention(q, k, v, mask).sum())(q)))
 
 
-def test_tied_embeddings_share_the_table():
-  cfg = dataclasses.replace(CFG, tie_embeddings=True)
-  params = _params(cfg)
+def test_tied_embeddings_share_the_table(tiny_model):
+  cfg = dataclasses.replace(tiny_model, tie_embeddings=True)
+  params = nn.unbox(init_params(cfg, jax.random.key(0)))
   assert 'lm_head' not in params
   tokens, positions, segments = _inputs()
-  logits = forward(cfg, params, tokens, positions, segments)[0]
-  hidden_grad = jax.grad(lambda p: forward(cfg, p, tokens, positions, segments)[0].sum())(params)
+  logits = forward(cfg, params, tokens, positions, segments)
+  hidden_grad = jax.grad(lambda p: forward(cfg, p, tokens, positions, segments).sum())(params)
   assert logits.shape == (2, 12, 64) and np.abs(hidden_grad['embed']).max() > 0
 
 
-def test_bfloat16_compute_stays_close_to_float32():
-  params = _params()
+def test_bfloat16_compute_stays_close_to_float32(tiny_model, tiny_params):
+  params = tiny_params
   tokens, positions, segments = _inputs()
-  ref = forward(CFG, params, tokens, positions, segments)[0]
-  low = forward(dataclasses.replace(CFG, dtype=jnp.bfloat16), params, tokens, positions, segments)[0]
+  ref = forward(tiny_model, params, tokens, positions, segments)
+  low = forward(dataclasses.replace(tiny_model, dtype=jnp.bfloat16), params, tokens, positions,
+                segments)
   assert low.dtype == jnp.float32
   np.testing.assert_allclose(low, ref, atol=0.05)

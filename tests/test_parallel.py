@@ -295,10 +295,21 @@ def test_estimate_memory_analytic_and_xla(capsys):
   _, eight = tool.analytic(config, 8)
   assert eight['params'] == pytest.approx(one['params'] / 8, rel=0.05)  # norms replicated
   assert eight['optimizer'] == pytest.approx(2 * eight['params'], rel=0.01)  # Adam: mu and nu
-  args, overrides = tool._parse(['--config=tiny', '--devices=1', '--config.batch_size=2'])  # pylint: disable=protected-access
+  batch_size, seq_len = 2, 64
+  args, overrides = tool._parse([  # pylint: disable=protected-access
+      '--config=tiny', '--devices=1', f'--config.batch_size={batch_size}',
+      f'--config.seq_len={seq_len}'])
   estimate, xla = tool.main(args, overrides)
-  assert xla['temp_size_in_bytes'] > 0 and estimate['total'] > 0
   assert 'XLA memory_analysis' in capsys.readouterr().out
+  assert estimate['params'] == 4 * estimate['param_count']  # float32, one device
+  # XLA's arguments are the train state, donated (aliased to the output), and the batch: five
+  # (batch, seq_len) arrays of 4 bytes. The state is the tool's params + optimizer state and the
+  # step counters and loss-spike window (well under 1 KiB).
+  batch_bytes = 5 * batch_size * seq_len * 4
+  assert xla['argument_size_in_bytes'] - xla['alias_size_in_bytes'] == batch_bytes, xla
+  counters = xla['alias_size_in_bytes'] - (estimate['params'] + estimate['optimizer'])
+  assert 0 <= counters < 1024, (xla, estimate)
+  assert xla['temp_size_in_bytes'] > estimate['params']  # the gradients at least
 
 
 def test_estimate_memory_topology_unavailable_is_a_clear_error():
