@@ -14,11 +14,13 @@ import pytest
 
 from lmjax import cli
 from lmjax import losses
-from lmjax.config import base_config
+from lmjax import tasks
+from lmjax.config import base_config, frozen
 from lmjax.models.transformer import forward_hidden, init_params
-from lmjax.posttrain import params as params_lib
-from lmjax.posttrain import ppo
+from lmjax.tasks import params as params_lib
+from lmjax.tasks import ppo
 from lmjax.train import step as step_lib
+from lmjax.train.state import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP_EPS = 0.2
@@ -49,12 +51,27 @@ def _config(**post):
 
 
 def _state(config, tx):
-  """(task, a fresh unboxed state). Jitted like `ppo.train`: the reference copy of the base gets
-  its own buffers (update_step donates the state)."""
-  step_cfg = step_lib.StepConfig.from_config(config)
-  create = lambda: step_lib.init_state(step_cfg, tx, 0)
+  """(task, a fresh unboxed state). Jitted like the loop's state creation: the reference copy of
+  the base gets its own buffers (the train step donates the state)."""
+  task = tasks.from_config(config)
+  create = lambda: init_state(task, tx, 0)
   state = jax.jit(lambda: (lambda s: s.replace(params=nn.unbox(s.params)))(create()))()
-  return step_cfg.task, state
+  return task, state
+
+
+def _rollout(responses_BN):
+  """The fixed prompts left-padded to one width, followed by `responses_BN` (LENGTHS_B long)."""
+  prompt = ppo.prompt_rows(PROMPTS, 8)
+  return ppo.rollout_rows(prompt, jnp.asarray(responses_BN), jnp.asarray(LENGTHS_B))
+
+
+_score = jax.jit(ppo.score_rollout, static_argnums=0)
+
+
+def _step(task, tx):
+  """The loop's train step (the task's epochs x minibatches updates) with optimizer `tx`."""
+  return jax.jit(functools.partial(step_lib.train_step, task, tx, lambda count: 0.0),
+                 donate_argnums=0)
 
 
 def _policy_only(**post):
@@ -69,14 +86,12 @@ def _fixed_advantages(mask_BN):
 
 def _scored(task, params):
   """The fixed rollout scored by `params`, the fixed advantages in place of the computed ones."""
-  rollout, width = ppo.rollout_rows(PROMPTS, RESPONSES_BN, LENGTHS_B)
-  data, _ = ppo.score_rollout(task, params, rollout, width, jnp.float32(0.0))
-  return dict(data, advantages=jnp.asarray(_fixed_advantages(rollout['mask']))), width
+  data, _ = _score(task, params, _rollout(RESPONSES_BN), jnp.float32(0.0))
+  return dict(data, advantages=jnp.asarray(_fixed_advantages(np.asarray(data['mask']))))
 
 
 def _logp(task, params):
-  rollout, width = ppo.rollout_rows(PROMPTS, RESPONSES_BN, LENGTHS_B)
-  data, _ = ppo.score_rollout(task, params, rollout, width, jnp.float32(0.0))
+  data, _ = _score(task, params, _rollout(RESPONSES_BN), jnp.float32(0.0))
   return np.asarray(data['old_logp'])
 
 
@@ -94,14 +109,15 @@ def test_one_epoch_moves_log_ratio_with_the_advantage_inside_the_clip_range():
   config = _policy_only(ppo_epochs=1, minibatches=2)
   tx = optax.sgd(5e-3)
   task, state = _state(config, tx)
-  data, width = _scored(task, state.params)
+  data = _scored(task, state.params)
   old_BN, adv_BN, mask_BN = (np.asarray(data[k]) for k in ('old_logp', 'advantages', 'mask'))
-  state, updates = ppo.update_epochs(task, state, data, tx, width, 0.0, np.random.default_rng(0))
-  assert len(updates) == 2
   # the first update sees the old policy itself: score_rollout and the loss agree on log p
-  assert float(updates[0]['ratio']) == pytest.approx(1.0, abs=1e-6)
-  assert float(updates[0]['approx_kl']) == pytest.approx(0.0, abs=1e-6)
-  assert [float(u['clip_fraction']) for u in updates] == [0.0, 0.0]
+  _, first = ppo.ppo_loss(task, state.params, data)
+  assert float(first['ratio']) == pytest.approx(1.0, abs=1e-6)
+  assert float(first['approx_kl']) == pytest.approx(0.0, abs=1e-6)
+  state, metrics = _step(task, tx)(state, data)
+  assert task.updates == (1, 2)
+  assert float(metrics['clip_fraction']) == 0.0  # the mean of two non-negative fractions
 
   log_ratio_BN = _logp(task, state.params) - old_BN
   pos, neg = adv_BN > 0, adv_BN < 0
@@ -129,14 +145,14 @@ def test_clip_zeroes_the_gradient_of_tokens_past_the_range():
   config = _policy_only(ppo_epochs=1, minibatches=1)
   tx = optax.sgd(0.02)
   task, state = _state(config, tx)
-  data, width = _scored(task, state.params)
+  data = _scored(task, state.params)
   old_BN, adv_BN, mask_BN = (np.asarray(data[k]) for k in ('old_logp', 'advantages', 'mask'))
-  kl_coef = jnp.float32(0.0)
+  update = _step(task, tx)  # one update on the whole rollout
   loss_grad = jax.jit(jax.grad(
       lambda logp_BN: losses.ppo_policy_loss(logp_BN, old_BN, adv_BN, mask_BN, CLIP_EPS)[0]))
   mixed = 0
   for _ in range(12):
-    state, _ = ppo.update_step(task, state, data, tx, width, kl_coef)
+    state, _ = update(state, data)
     logp_BN = _logp(task, state.params)
     ratio_BN = np.exp(logp_BN - old_BN)
     want_BN, clipped_BN = _policy_grad_closed_form(ratio_BN, adv_BN, mask_BN)
@@ -146,7 +162,7 @@ def test_clip_zeroes_the_gradient_of_tokens_past_the_range():
     mixed += 0 < clipped_BN.sum() < (mask_BN > 0).sum()
   assert mixed >= 2  # the drive went through steps with clipped and unclipped tokens
   assert np.all(clipped_BN[mask_BN > 0])  # ... and ended with every token clipped
-  state, metrics = ppo.update_step(task, state, data, tx, width, kl_coef)
+  state, metrics = update(state, data)
   assert float(metrics['grad_norm']) == 0.0 and float(metrics['clip_fraction']) == 1.0
   np.testing.assert_array_equal(_logp(task, state.params), logp_BN)
 
@@ -205,12 +221,11 @@ def test_score_rollout_advantages_match_numpy(advantage, whiten):
   kl_coef, gamma, lam = 0.1, 0.9, 0.8
   config = _config(advantage=advantage, whiten_advantages=whiten, group_size=2, gamma=gamma,
                    lam=lam, temperature=0.7)
-  task = params_lib.task_from_config(config)
-  params = _drifted_params(dataclasses.replace(task, post=params_lib.PostConfig()))  # one compile
+  task = tasks.from_config(config)
+  params = _drifted_params(dataclasses.replace(task, post=frozen(base_config().post)))  # 1 compile
   responses_BN = np.array([[5, 9, 5, 7, 8, 3], [6, 7, 8, 9, 0, 0], [5, 11, 3, 0, 0, 0],
                            [5, 5, 12, 5, 13, 3]], np.int32)
-  rollout, width = ppo.rollout_rows(PROMPTS, responses_BN, LENGTHS_B)
-  data, stats = ppo.score_rollout(task, params, rollout, width, jnp.float32(kl_coef))
+  data, stats = _score(task, params, _rollout(responses_BN), jnp.float32(kl_coef))
 
   policy, ref = params_lib.model_params(task, params), params['frozen']['ref']
   mask_BN = (np.arange(6)[None] < LENGTHS_B[:, None]).astype(np.float64)
@@ -266,7 +281,7 @@ def test_ppo_one_iteration_through_the_cli(tmp_path):
   for phase in ('rollout', 'score', 'update'):
     assert first[f'time/{phase}_s'] > 0 and first[f'time/{phase}_total_s'] == 0.0
     assert last[f'time/{phase}_total_s'] == pytest.approx(last[f'time/{phase}_s'])
-  assert last['rollout_tokens_per_s'] > 0
+  assert last['rollout_tokens'] > 0
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['timed_iterations'] == 1 and not summary['timing_includes_compile']

@@ -197,12 +197,11 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
       flush(pending)
 
   finished = step >= config.steps
-  if finished:
-    if eval_batches:
-      last_eval = held_out_loss(eval_fn, state.params, eval_batches, to_device)
-      writer.write(step, 'eval', last_eval)
-    if checkpointer.latest_step() != step:
-      checkpointer.save(step, state, train_iter.get_state(), force=True)
+  if finished and eval_batches:
+    last_eval = held_out_loss(eval_fn, state.params, eval_batches, to_device)
+    writer.write(step, 'eval', last_eval)
+  if checkpointer.latest_step() != step:  # finished, or stopped (SIGTERM) between saves
+    checkpointer.save(step, state, train_iter.get_state(), force=True)
   checkpointer.wait()
   writer.close()
   getattr(train_iter, 'close', lambda: None)()
