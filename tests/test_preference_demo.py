@@ -1,4 +1,4 @@
-"""The post-training demo (experiments/preference_demo.py): its rule, its data and a quick run."""
+"""The post-training demo (experiments/preference_demo.py): its rule, its data and its result."""
 
 import importlib.util
 import json
@@ -39,14 +39,20 @@ def test_data_follows_the_rule(tmp_path):
   assert sum(r > 0.5 for r in rewards) / len(rewards) == pytest.approx(5 / 16, abs=0.06)
 
 
-def test_quick_run_end_to_end(tmp_path):
-  figures = demo.main([f'--workdir={tmp_path}', '--quick', '--samples=32'])
+def test_demo_run_beats_the_sft_base(tmp_path):
+  """The demo as the README runs it, not --quick (a tenth of the steps still takes ~85% of the CPU
+  time, compiling dominates, and leaves the SFT base half-trained). What the README reports: DPO
+  and PPO each raise the share of rule-preferred completions on held-out prompts far above the SFT
+  base's (31.4% -> 96.9% and 100%); asserted here as at least 30 points each."""
+  figures = demo.main([f'--workdir={tmp_path}'])
   assert figures == json.loads((tmp_path / 'figures.json').read_text())
-  assert 0.0 <= figures['reward_model_held_out_accuracy'] <= 1.0
-  # the base scored against itself: KL exactly 0
-  assert figures['sft']['kl_to_base'] == pytest.approx(0.0, abs=1e-5)
+  base = figures['sft']['preferred_share']
+  assert base == pytest.approx(5 / 16, abs=0.1)  # uniform words: 3 or 4 of 4 positive
   for name in ('dpo', 'ppo'):
-    assert figures[name]['kl_to_base'] != pytest.approx(0.0, abs=1e-6)  # the policy moved
-    assert 0.0 <= figures[name]['preferred_share'] <= 1.0
+    assert figures[name]['preferred_share'] >= base + 0.30, figures
+    assert figures[name]['rule_reward'] > figures['sft']['rule_reward'] + 0.2, figures
+    assert figures[name]['kl_to_base'] > 0.1  # the policy moved
+  assert figures['reward_model_held_out_accuracy'] >= 0.9
+  assert figures['sft']['kl_to_base'] == pytest.approx(0.0, abs=1e-5)  # the base against itself
   ppo = json.loads((tmp_path / 'ppo' / 'summary.json').read_text())
   assert ppo['finished']
