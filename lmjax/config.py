@@ -434,6 +434,13 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
   return sizes
 
 
+def rows_per_step(config) -> tuple[str, int]:
+  """(the key that sets it, the global rows of one step): PPO's are its rollouts."""
+  if config.task == 'ppo':
+    return 'post.rollout_batch', config.post.rollout_batch
+  return 'batch_size', config.batch_size
+
+
 def choices(name: str) -> tuple:
   """The allowed values of a config key (`'task'`, `'post.loss_type'`, ...)."""
   return _CHOICES[name]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.inference.sampling import SamplingConfig
-from lmjax.models.transformer import ModelConfig, forward
+from lmjax.models.transformer import ModelConfig, forward_cached
 
 
 def repeat_rows(cache, width: int):
@@ -98,9 +98,9 @@ def beam_search(model_cfg: ModelConfig, cfg: SamplingConfig, params, cache, logi
     rows_R = (jnp.arange(batch)[:, None] * width + _gather(parent_BC, keep_BW)).reshape(-1)
     next_token_R = _gather(token_BC, keep_BW).reshape(-1)
     pos_R = jnp.repeat(s['pos'], width)
-    logits_R1V, cache = forward(model_cfg, params, next_token_R[:, None], pos_R[:, None],
-                                jnp.ones((batch * width, 1), jnp.int32),
-                                take_rows(s['cache'], rows_R))
+    logits_R1V, cache = forward_cached(model_cfg, params, next_token_R[:, None], pos_R[:, None],
+                                       jnp.ones((batch * width, 1), jnp.int32),
+                                       take_rows(s['cache'], rows_R))
     logp_BWV = jax.nn.log_softmax(logits_R1V[:, 0].astype(jnp.float32)).reshape(
         batch, width, vocab)
 

@@ -78,12 +78,10 @@ def validate(config, num_devices: int) -> None:
   config_lib.validate(config)
   sizes = mesh_shape(config, num_devices)
   batch_shards = sizes['data'] * sizes['fsdp']
-  micro_batch = config.batch_size // config.grad_accum_steps
+  key, rows = config_lib.rows_per_step(config)
+  micro_batch = rows // config.grad_accum_steps
   if micro_batch % batch_shards:
-    raise ConfigError(f'batch_size: the micro-batch of {micro_batch} sequences does not divide '
-                      f'over mesh.data x mesh.fsdp = {batch_shards} devices')
-  if config.task == 'ppo' and config.post.rollout_batch % batch_shards:
-    raise ConfigError(f'post.rollout_batch: {config.post.rollout_batch} rollout rows do not divide '
+    raise ConfigError(f'{key}: the micro-batch of {micro_batch} sequences does not divide '
                       f'over mesh.data x mesh.fsdp = {batch_shards} devices')
   m = config.model
   if m.num_kv_heads % sizes['tensor'] and m.num_heads % sizes['tensor']:

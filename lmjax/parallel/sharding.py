@@ -25,7 +25,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmjax.config import ConfigError, mesh_shape
+from lmjax.config import ConfigError, mesh_shape, rows_per_step
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
 BATCH_AXES = ('data', 'fsdp')
@@ -140,7 +140,8 @@ def validate_parallelism(config, num_devices: int) -> dict[str, int]:
     if sizes[axis] > 1 and axis not in allowed:
       raise ConfigError(f'mesh.{axis}: {sizes[axis]} devices on an axis that sharding='
                         f'{config.sharding} does not use (its axes: {", ".join(allowed)})')
-  accum_rows = config.batch_size // config.grad_accum_steps
+  rows_key, step_rows = rows_per_step(config)
+  accum_rows = step_rows // config.grad_accum_steps
   stages, micro = sizes['pipeline'], config.pipeline_microbatches
   if micro < 1:
     raise ConfigError(f'pipeline_microbatches: must be positive; got {micro}')
@@ -149,7 +150,7 @@ def validate_parallelism(config, num_devices: int) -> dict[str, int]:
                       '(set model.scan_layers=True)')
   if stages > 1 and accum_rows % micro:
     raise ConfigError(f'pipeline_microbatches: {micro} does not divide the micro-batch of '
-                      f'{accum_rows} sequences (batch_size / grad_accum_steps)')
+                      f'{accum_rows} sequences ({rows_key} / grad_accum_steps)')
   rows = accum_rows // micro if stages > 1 else accum_rows
   for rules, what in ((params_rules, 'parameter/activation'), (opt_rules, 'optimizer-state')):
     for name, axes in rules:
@@ -158,7 +159,7 @@ def validate_parallelism(config, num_devices: int) -> dict[str, int]:
         for axis in _axes_of(axes):
           shards *= sizes[axis]
         if rows % shards:
-          key = 'pipeline_microbatches' if stages > 1 else 'batch_size'
+          key = 'pipeline_microbatches' if stages > 1 else rows_key
           raise ConfigError(f'{key}: micro-batches of {rows} sequences do not divide over the '
                             f'{shards} devices of {" x ".join(_axes_of(axes))} ({name!r})')
       elif name == 'layers' and not config.model.scan_layers:
