@@ -31,15 +31,19 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, force: bool = False) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                      data=ocp.args.JsonSave(data_state)),
                        force=force)
 
   def restore(self, step: int, abstract_state):
     """Restores `state` into the shapes, dtypes and shardings of `abstract_state` (so a checkpoint
-    written under one mesh restores under another), and the data state."""
+    written under one mesh restores under another), and the data state. Partial: a field with no
+    leaves that older checkpoints lack (`task_state` = {}) restores as it is in `abstract_state`."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.PyTreeRestore(item=abstract_state,
+                                     restore_args=jax.tree.map(_restore_args, abstract_state),
+                                     partial_restore=True),
+        data=ocp.args.JsonRestore()))
     return restored['state'], restored['data']
 
   def restore_params(self, step: int, abstract_params):
