@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from lmjax import config as config_lib
+from lmjax import tasks
 from lmjax.losses import chunked_cross_entropy, cross_entropy
 from lmjax.models import transformer
-from lmjax.optim import make_optimizer
+from lmjax.parallel import mesh as mesh_lib
 from lmjax.train import step as step_lib
+from lmjax.train.state import init_state
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -91,7 +93,7 @@ def _config(tie: bool, chunk: int):
   config.model.dtype = 'float32'
   config.model.tie_embeddings = tie
   config.model.logits_chunk = chunk
-  config_lib.validate(config, num_devices=1)
+  mesh_lib.validate(config, num_devices=1)
   return config
 
 
@@ -105,17 +107,16 @@ def _batch(config, seed=0):
 
 
 def _two_steps(config):
-  step_cfg = step_lib.StepConfig.from_config(config)
-  tx, schedule = make_optimizer(config.optimizer, config.steps)
-  state = step_lib.init_state(step_cfg, tx, seed=0)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  state = init_state(task, tx, seed=0)
   state = state.replace(params=nn.unbox(state.params))
-  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
+  fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b))
   metrics = []
   for seed in range(2):
     state, m = fn(state, _batch(config, seed))
     metrics.append(jax.device_get(m))
-  evals = jax.jit(lambda p, b: step_lib.eval_step(step_cfg.model, p, b))(state.params,
-                                                                           _batch(config, 5))
+  evals = jax.jit(lambda p, b: step_lib.eval_step(task, p, b))(state.params, _batch(config, 5))
   return state, metrics, jax.device_get(evals)
 
 
@@ -132,9 +133,9 @@ def test_train_steps_chunked_equal_full(tie):
     np.testing.assert_allclose(chunked_eval[key], full_eval[key], err_msg=key, **TOL)
   flat_full = jax.tree_util.tree_leaves_with_path(full_state.params)
   flat_chunked = jax.tree.leaves(chunked_state.params)
-  initial = jax.tree.leaves(nn.unbox(step_lib.init_state(
-      step_lib.StepConfig.from_config(_config(tie, 0)),
-      make_optimizer(_config(tie, 0).optimizer, 20)[0], seed=0).params))
+  initial_task = tasks.from_config(_config(tie, 0))
+  initial = jax.tree.leaves(nn.unbox(init_state(
+      initial_task, initial_task.optimizer(_config(tie, 0))[0], seed=0).params))
   for (path, a), b, a0 in zip(flat_full, flat_chunked, initial):
     np.testing.assert_allclose(b, a, err_msg=jax.tree_util.keystr(path), **TOL)
     assert not np.array_equal(a, a0), jax.tree_util.keystr(path)  # every leaf moved
@@ -142,18 +143,16 @@ def test_train_steps_chunked_equal_full(tie):
 
 def test_sft_chunked_equals_full():
   """The SFT loss (LoRA adapters over a frozen base) with and without chunking."""
-  from lmjax.posttrain import tasks  # pylint: disable=g-import-not-at-top
   grads, sums = [], []
   for chunk in (0, 16):
     config = _config(False, chunk)
     config.task, config.post.train_file, config.peft.method = 'sft', 'tests/data/sft.jsonl', 'lora'
-    step_cfg = step_lib.StepConfig.from_config(config)
-    tx, _ = tasks.make_optimizer(config, step_cfg.task)
-    params = nn.unbox(step_lib.init_state(step_cfg, tx, seed=0).params)
+    task = tasks.from_config(config)
+    tx, _ = task.optimizer(config)
+    params = nn.unbox(init_state(task, tx, seed=0).params)
     # LoRA's B starts at zero; move it so the adapters change the logits.
     params['trainable'] = jax.tree.map(lambda x: x + 0.01, params['trainable'])
-    g, s = jax.jit(lambda p, b: step_lib.accumulated_grads(step_cfg, p, b))(params,
-                                                                             _batch(config))
+    g, s = jax.jit(lambda p, b: step_lib.accumulated_grads(task, p, b))(params, _batch(config))
     grads.append(g)
     sums.append(s)
   for key in sums[0]:
@@ -167,10 +166,10 @@ def test_logits_chunk_validation():
   config = config_lib.load_config('tiny')
   config.model.logits_chunk = -1
   with pytest.raises(config_lib.ConfigError, match='model.logits_chunk'):
-    config_lib.validate(config, num_devices=1)
+    mesh_lib.validate(config, num_devices=1)
   assert config_lib.base_config().model.logits_chunk == 0
   assert transformer.ModelConfig.from_config(config_lib.base_config().model).logits_chunk == 0
   config.model.logits_chunk = 16
   config.mesh.pipeline, config.mesh.data = 2, 1
   with pytest.raises(config_lib.ConfigError, match='model.logits_chunk: not supported with pipe'):
-    config_lib.validate(config, num_devices=2)
+    mesh_lib.validate(config, num_devices=2)

@@ -7,12 +7,16 @@ import pytest
 
 from lmjax import config as config_lib
 from lmjax.config import ConfigError, apply_overrides, load_config, validate
+from lmjax.parallel import mesh as mesh_lib
 
 
 def _error(config, overrides=(), num_devices=None):
   with pytest.raises(ConfigError) as info:
     apply_overrides(config, list(overrides))
-    validate(config, num_devices)
+    if num_devices is None:
+      validate(config)
+    else:
+      mesh_lib.validate(config, num_devices)
   message = str(info.value)
   assert '\n' not in message
   return message

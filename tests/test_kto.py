@@ -13,7 +13,8 @@ from lmjax import cli, losses
 from lmjax.data import preference
 from lmjax.data.sources import DataError
 from lmjax.models.transformer import forward
-from lmjax.posttrain import tasks as tasks_lib
+from lmjax import tasks
+from lmjax.tasks import preference as preference_tasks
 from tests.test_posttrain import FakeTok, _config, _params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def test_unpaired_rows_flags_and_mismatched_kl_rows():
   tok, length = FakeTok(), 64
   examples = [preference.encode_unpaired(tok, r) for r in RECORDS]
   batch = preference.unpaired_batch(examples, length + 1)
-  assert set(batch) == {p + k for p in ('', 'kl_') for k in tasks_lib._ROW_KEYS} | {'desirable'}
+  assert set(batch) == {p + k for p in ('', 'kl_') for k in preference_tasks._ROW_KEYS} | {'desirable'}
   assert all(v.shape == (3, length) for k, v in batch.items() if k != 'desirable')
   np.testing.assert_array_equal(batch['desirable'], [1.0, 0.0, 1.0])
   assert batch['desirable'].dtype == np.float32
@@ -87,7 +88,7 @@ def test_unpaired_rows_flags_and_mismatched_kl_rows():
 
 def test_iterator_yields_kto_batches_for_an_unpaired_file(tmp_path):
   config = _kto_config(_write(tmp_path / 'kto.jsonl', RECORDS))
-  batch = next(tasks_lib.make_iterator(config, FakeTok()))
+  batch = next(tasks.from_config(config).make_iterator(config, FakeTok()))
   assert batch['inputs'].shape == batch['kl_inputs'].shape == (3, config.seq_len)
   assert batch['desirable'].shape == (3,) and batch['desirable'].sum() == 2.0
   for i in range(3):  # KL row i: row i's prompt, row (i + 1)'s completion, in the shuffled order
@@ -98,7 +99,8 @@ def test_iterator_yields_kto_batches_for_an_unpaired_file(tmp_path):
                                   batch['targets'][nxt][batch['weights'][nxt] > 0])
   # a paired file under loss_type=kto keeps the pair layout
   paired = _write(tmp_path / 'pairs.jsonl', [{'prompt': 'a', 'chosen': 'b', 'rejected': 'c'}] * 3)
-  batch = next(tasks_lib.make_iterator(_kto_config(paired), FakeTok()))
+  config = _kto_config(paired)
+  batch = next(tasks.from_config(config).make_iterator(config, FakeTok()))
   assert 'chosen_inputs' in batch and 'desirable' not in batch
 
 
@@ -112,21 +114,24 @@ def test_iterator_yields_kto_batches_for_an_unpaired_file(tmp_path):
 def test_bad_records_name_file_and_line(tmp_path, lines, line, match):
   path = _write(tmp_path / 'bad.jsonl', lines)
   with pytest.raises(DataError, match=f'{re.escape(path)}:{line}: .*{match}'):
-    tasks_lib.make_iterator(_kto_config(path), FakeTok())
+    config = _kto_config(path)
+    tasks.from_config(config).make_iterator(config, FakeTok())
 
 
 def test_unpaired_file_needs_kto_and_two_rows(tmp_path):
   path = _write(tmp_path / 'kto.jsonl', RECORDS)
+  config = _kto_config(path, loss_type='sigmoid')
   with pytest.raises(DataError, match='loss_type=kto'):
-    tasks_lib.make_iterator(_kto_config(path, loss_type='sigmoid'), FakeTok())
+    tasks.from_config(config).make_iterator(config, FakeTok())
+  config = _kto_config(path, batch_size=1)
   with pytest.raises(DataError, match='batch_size'):
-    tasks_lib.make_iterator(_kto_config(path, batch_size=1), FakeTok())
+    tasks.from_config(config).make_iterator(config, FakeTok())
 
 
 def _logps(model_cfg, model, batch, prefix=''):
   """Sequence log-probs straight from the model forward (no lmjax.losses)."""
   logits = forward(model_cfg, model, batch[f'{prefix}inputs'], batch[f'{prefix}positions'],
-                   batch[f'{prefix}segment_ids'])[0]
+                   batch[f'{prefix}segment_ids'])
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
                              batch[f'{prefix}targets'][..., None], axis=-1)[..., 0]
   return jnp.sum(logp * batch[f'{prefix}weights'], axis=-1)
@@ -151,7 +156,7 @@ def test_kto_loss_uses_the_mismatched_kl_rows():
                                                    for x, k in zip(leaves, keys)]),
             'frozen': {'ref': dict(ref, lm_head=4.0 * ref['lm_head'])}}
   batch = _batch()
-  sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(batch)
+  sums = jax.jit(lambda b: task.sums(params, b, None))(batch)
 
   policy, ref = params['trainable']['model'], params['frozen']['ref']
   pi, pi_ref = _logps(task.model, policy, batch), _logps(task.model, ref, batch)
@@ -170,7 +175,7 @@ def test_kto_loss_uses_the_mismatched_kl_rows():
   assert abs(float(default) - float(want)) > 5e-4
   # without KL rows the default is used
   no_kl = {k: v for k, v in batch.items() if not k.startswith('kl_')}
-  sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(no_kl)
+  sums = jax.jit(lambda b: task.sums(params, b, None))(no_kl)
   assert float(sums['loss'] / sums['weight']) == pytest.approx(float(default), rel=1e-5)
 
 
@@ -179,7 +184,7 @@ def test_kto_lora_at_init_is_the_closed_form():
                    peft__method='lora', peft__rank=4)
   task, params = _params(config)
   batch = _batch(rows=6)
-  sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(batch)
+  sums = jax.jit(lambda b: task.sums(params, b, None))(batch)
   # policy == reference: r = 0, z0 = 0, each example costs w * (1 - sigmoid(0)) = w / 2
   desirable = np.asarray(batch['desirable'])
   assert desirable.sum() == 3
@@ -187,7 +192,7 @@ def test_kto_lora_at_init_is_the_closed_form():
   assert float(sums['weight']) == 6.0
   assert float(sums['loss'] / sums['weight']) == pytest.approx(want, abs=1e-6)
   assert float(sums['kl_ref']) == 0.0
-  grads = jax.grad(lambda t: tasks_lib.loss_sums(task, {**params, 'trainable': t}, batch)['loss'])(
+  grads = jax.grad(lambda t: task.sums({**params, 'trainable': t}, batch, None)['loss'])(
       params['trainable'])
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 

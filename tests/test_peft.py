@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from lmjax import tasks
+from lmjax import workdir as workdir_lib
 from lmjax.config import base_config
 from lmjax.models.transformer import ModelConfig, init_params
 from lmjax.models.transformer import forward as _forward
 from lmjax.peft import lora
-from lmjax.posttrain import params as params_lib
-from lmjax.posttrain import tasks as tasks_lib
+from lmjax.tasks import params as params_lib
 from lmjax.train import step as step_lib
+from lmjax.train.state import init_state
 
 forward = jax.jit(_forward, static_argnums=0)
 CFG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
@@ -44,8 +46,8 @@ def test_fresh_adapters_leave_the_model_unchanged(method):
   base = _base()
   cfg = lora.PeftConfig(method=method, rank=4)
   adapters = lora.init_adapters(cfg, base, jax.random.key(1))
-  want = forward(CFG, base, *_inputs())[0]
-  got = forward(CFG, lora.effective_params(cfg, base, adapters), *_inputs())[0]
+  want = forward(CFG, base, *_inputs())
+  got = forward(CFG, lora.effective_params(cfg, base, adapters), *_inputs())
   np.testing.assert_allclose(got, want, atol=1e-6)
   assert len(lora.target_paths(cfg, base)) == CFG.num_layers * 7  # q k v o gate up down
 
@@ -73,8 +75,8 @@ def test_merge_forward_and_unmerge(method):
   effective = lora.effective_params(cfg, base, adapters)
   merged = lora.merge(cfg, base, adapters)
   assert jax.tree.structure(merged) == jax.tree.structure(base)  # a plain, exportable tree
-  np.testing.assert_allclose(forward(CFG, merged, *_inputs())[0],
-                             forward(CFG, effective, *_inputs())[0], atol=1e-5)
+  np.testing.assert_allclose(forward(CFG, merged, *_inputs()),
+                             forward(CFG, effective, *_inputs()), atol=1e-5)
   assert not np.allclose(merged['layers_0']['attn']['q'], base['layers_0']['attn']['q'])
   restored = lora.unmerge(cfg, merged, adapters)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(base)):
@@ -88,8 +90,8 @@ def test_scan_layers_lora_and_dora():
     peft = lora.PeftConfig(method=method, rank=4)
     adapters = lora.init_adapters(peft, base, jax.random.key(1), stacked=True)
     assert adapters['layers']['attn']['o']['a'].shape == (2, 32, 4)  # (layers, H*Dh, r)
-    got = forward(cfg, lora.effective_params(peft, base, adapters, stacked=True), *_inputs())[0]
-    np.testing.assert_allclose(got, forward(cfg, base, *_inputs())[0], atol=1e-6)
+    got = forward(cfg, lora.effective_params(peft, base, adapters, stacked=True), *_inputs())
+    np.testing.assert_allclose(got, forward(cfg, base, *_inputs()), atol=1e-6)
 
 
 @pytest.mark.parametrize('method', ['lora', 'dora', 'vera', 'lora_fa'])
@@ -106,7 +108,7 @@ def test_attached_factors_equal_the_adapted_weights(method, scan):
   rng = jax.random.key(5)
 
   def loss(adapt, adapters):
-    logits = _forward(cfg, adapt(peft, base, adapters, rng, scan), *_inputs())[0]
+    logits = _forward(cfg, adapt(peft, base, adapters, rng, scan), *_inputs())
     return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
 
   (want, want_logits), want_grads = jax.value_and_grad(
@@ -146,12 +148,12 @@ def _sft_batch(batch=2, length=8):
 
 
 def _train(config, steps=3):
-  step_cfg = step_lib.StepConfig.from_config(config)
-  tx, schedule = tasks_lib.make_optimizer(config, step_cfg.task)
-  state = step_lib.init_state(step_cfg, tx, 0)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  state = init_state(task, tx, 0)
   state = state.replace(params=nn.unbox(state.params))
   first = state
-  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
+  fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b))
   for _ in range(steps):
     state, metrics = fn(state, _sft_batch())
   return first, state, metrics
@@ -196,15 +198,15 @@ def test_bfloat16_frozen_base():
 
 def test_lora_plus_scales_b_updates():
   config = _config(method='lora', rank=4)
-  task = params_lib.task_from_config(config)
+  task = tasks.from_config(config)
   params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
                                             jax.random.key(1)))
   grads = jax.tree.map(jnp.ones_like, params['trainable'])
   updates = {}
   for ratio in (1.0, 4.0):
     config.peft.lora_plus_ratio = ratio
-    task = params_lib.task_from_config(config)
-    tx, _ = tasks_lib.make_optimizer(config, task)
+    task = tasks.from_config(config)
+    tx, _ = task.optimizer(config)
     updates[ratio] = traverse_util.flatten_dict(
         tx.update(grads, tx.init(params['trainable']), params['trainable'])[0])
   for path, u in updates[4.0].items():
@@ -215,12 +217,14 @@ def test_lora_plus_scales_b_updates():
 
 def test_adapters_save_load_roundtrip(tmp_path):
   config = _config(method='lora', rank=4)
-  task = params_lib.task_from_config(config)
+  task = tasks.from_config(config)
   params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
                                             jax.random.key(1)))
   params['trainable']['adapters'] = _randomise_b(params['trainable']['adapters'])
-  params_lib.save_adapters(str(tmp_path), task, params)
-  peft_cfg, small = params_lib.load_adapters(str(tmp_path))
+  workdir_lib.save_adapters(str(tmp_path), task.peft,
+                            {'adapters': params_lib.adapters_of(params)})
+  peft_dict, small = workdir_lib.load_adapters(str(tmp_path))
+  peft_cfg = lora.PeftConfig(**peft_dict)
   assert peft_cfg == task.peft
   for got, want in zip(jax.tree.leaves(small['adapters']),
                        jax.tree.leaves(params['trainable']['adapters'])):
@@ -257,10 +261,10 @@ def test_bottleneck_starts_exactly_at_the_base_model(scan):
   peft_cfg = _hook_cfg('bottleneck')
   leaves = hooks.init_leaves(peft_cfg, cfg, base, jax.random.key(1))
   assert leaves['attn']['down'].shape == (2, 32, 4) and leaves['mlp']['up'].shape == (2, 4, 32)
-  want = forward(cfg, base, *_inputs())[0]
+  want = forward(cfg, base, *_inputs())
   np.testing.assert_array_equal(
-      forward(cfg, base, *_inputs(), peft=hooks.model_peft(peft_cfg, leaves))[0], want)
-  moved = forward(cfg, base, *_inputs(), peft=hooks.model_peft(peft_cfg, _perturb(leaves)))[0]
+      forward(cfg, base, *_inputs(), peft=hooks.model_peft(peft_cfg, leaves)), want)
+  moved = forward(cfg, base, *_inputs(), peft=hooks.model_peft(peft_cfg, _perturb(leaves)))
   assert not np.allclose(moved, want, atol=1e-4)
 
 
@@ -268,10 +272,10 @@ def test_prompt_tuning_is_virtual_tokens_before_the_input():
   base = _base()
   tokens, positions, segments = _inputs()
   ids = jnp.array([5, 9, 11])
-  got = forward(CFG, base, tokens, positions, segments, peft={'prompt': base['embed'][ids]})[0]
+  got = forward(CFG, base, tokens, positions, segments, peft={'prompt': base['embed'][ids]})
   full = jnp.concatenate([jnp.broadcast_to(ids, (2, 3)), tokens], axis=1)
   full_positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
-  want = forward(CFG, base, full, full_positions, jnp.ones_like(full))[0][:, 3:]
+  want = forward(CFG, base, full, full_positions, jnp.ones_like(full))[:, 3:]
   np.testing.assert_allclose(got, want, atol=1e-5)
   # P-tuning starts as prompt tuning from its seeds (zero second layer), then the encoder counts
   p_cfg = _hook_cfg('p_tuning')
@@ -291,11 +295,11 @@ def test_prefix_tuning_init_is_the_prompt_of_the_same_tokens():
   prompt = hooks.init_leaves(_hook_cfg('prompt'), CFG, base, jax.random.key(3))
   assert prefix['k'].shape == (2, 3, 2, 8)  # (layers, P, kv heads, head dim)
   got = forward(CFG, base, tokens, positions + 3, segments,
-                peft=hooks.model_peft(_hook_cfg('prefix'), prefix))[0]
+                peft=hooks.model_peft(_hook_cfg('prefix'), prefix))
   want = forward(CFG, base, tokens, positions, segments,
-                 peft=hooks.model_peft(_hook_cfg('prompt'), prompt))[0]
+                 peft=hooks.model_peft(_hook_cfg('prompt'), prompt))
   np.testing.assert_allclose(got, want, atol=1e-5)
-  assert not np.allclose(got, forward(CFG, base, tokens, positions, segments)[0], atol=1e-3)
+  assert not np.allclose(got, forward(CFG, base, tokens, positions, segments), atol=1e-3)
 
 
 @pytest.mark.parametrize('method', ['prefix', 'prompt'])
@@ -307,13 +311,13 @@ def test_packed_documents_each_see_the_prefix_and_never_each_other(method):
   tokens = jax.random.randint(jax.random.key(5), (1, 10), 1, CFG.vocab_size)
   segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]])  # two documents and one pad slot
   positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]])
-  packed = forward(CFG, base, tokens, positions, segments, peft=peft)[0]
+  packed = forward(CFG, base, tokens, positions, segments, peft=peft)
   for lo, hi in ((0, 4), (4, 9)):
     alone = forward(CFG, base, tokens[:, lo:hi], positions[:, lo:hi],
-                    jnp.ones((1, hi - lo), jnp.int32), peft=peft)[0]
+                    jnp.ones((1, hi - lo), jnp.int32), peft=peft)
     np.testing.assert_allclose(packed[:, lo:hi], alone, atol=1e-5)
     plain = forward(CFG, base, tokens[:, lo:hi], positions[:, lo:hi],
-                    jnp.ones((1, hi - lo), jnp.int32))[0]
+                    jnp.ones((1, hi - lo), jnp.int32))
     assert not np.allclose(alone, plain, atol=1e-3)  # the prefix reaches every document
   assert np.all(np.isfinite(packed))
 
@@ -321,7 +325,7 @@ def test_packed_documents_each_see_the_prefix_and_never_each_other(method):
 @pytest.mark.parametrize('method', HOOK_METHODS)
 def test_gradients_reach_only_the_method_leaves(method):
   config = _config(method=method, num_virtual_tokens=3, adapter_dim=4, encoder_dim=16)
-  task = params_lib.task_from_config(config)
+  task = tasks.from_config(config)
   params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
                                             jax.random.key(1)))
   assert set(params['trainable']) == {'adapters'}
@@ -329,18 +333,18 @@ def test_gradients_reach_only_the_method_leaves(method):
   base = params_lib.model_params(task, params)
   assert jax.tree.structure(base) == jax.tree.structure(_base())
   batch = _sft_batch()
-  plain = forward(CFG, base, batch['inputs'], batch['positions'], batch['segment_ids'])[0]
+  plain = forward(CFG, base, batch['inputs'], batch['positions'], batch['segment_ids'])
   np.testing.assert_array_equal(
       plain, forward(CFG, params_lib.reference_params(task, params), batch['inputs'],
-                     batch['positions'], batch['segment_ids'])[0])
+                     batch['positions'], batch['segment_ids']))
   adapters = params['trainable']['adapters']
   if method == 'p_tuning':  # non-zero second layers, so the first ones get a gradient too
     adapters['w2'] += 0.05
   if method == 'bottleneck':
     for name in ('attn', 'mlp'):
       adapters[name]['up'] += 0.05
-  loss = lambda trainable: tasks_lib.loss_sums(
-      task, {'trainable': trainable, 'frozen': params['frozen']}, batch)['loss']
+  loss = lambda trainable: task.sums(
+      {'trainable': trainable, 'frozen': params['frozen']}, batch, None)['loss']
   grads = jax.grad(loss)(params['trainable'])
   for path, g in traverse_util.flatten_dict(grads['adapters']).items():
     assert np.any(np.asarray(g) != 0), path
@@ -353,12 +357,12 @@ def test_gradients_reach_only_the_method_leaves(method):
 @pytest.mark.parametrize('method', HOOK_METHODS)
 def test_hook_methods_train_with_a_frozen_base(method):
   config = _config(method=method, num_virtual_tokens=3, adapter_dim=4, encoder_dim=16)
-  step_cfg = step_lib.StepConfig.from_config(config)
-  tx, schedule = tasks_lib.make_optimizer(config, step_cfg.task)
-  state = step_lib.init_state(step_cfg, tx, 0)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  state = init_state(task, tx, 0)
   state = state.replace(params=nn.unbox(state.params))
   first = state
-  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
+  fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b))
   losses = []
   for _ in range(6):
     state, metrics = fn(state, _sft_batch())
@@ -377,12 +381,13 @@ def test_hook_method_save_and_merge_refusal(tmp_path):
   from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
   from lmjax.commands import peft as peft_command  # pylint: disable=g-import-not-at-top
   config = _config(method='prefix', num_virtual_tokens=3)
-  task = params_lib.task_from_config(config)
+  task = tasks.from_config(config)
   params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
                                             jax.random.key(1)))
-  params_lib.save_adapters(str(tmp_path / 'saved'), task, params)
-  peft_cfg, small = params_lib.load_adapters(str(tmp_path / 'saved'))
-  assert peft_cfg == task.peft
+  workdir_lib.save_adapters(str(tmp_path / 'saved'), task.peft,
+                            {'adapters': params_lib.adapters_of(params)})
+  peft_dict, small = workdir_lib.load_adapters(str(tmp_path / 'saved'))
+  assert lora.PeftConfig(**peft_dict) == task.peft
   np.testing.assert_array_equal(small['adapters']['k'], params['trainable']['adapters']['k'])
   workdir = tmp_path / 'run'
   workdir.mkdir()
@@ -396,17 +401,18 @@ def test_hook_method_save_and_merge_refusal(tmp_path):
 def test_hook_methods_decode_with_a_cache_from_params_peft(method):
   """A trained run loaded for sampling: the base with a `peft` entry (load_model_params); prefill
   then one decode step match the full forward pass."""
-  from lmjax.models.transformer import init_cache  # pylint: disable=g-import-not-at-top
+  from lmjax.models.transformer import forward_cached, init_cache  # pylint: disable=g-import-not-at-top
   base = _base()
   peft_cfg = _hook_cfg(method)
   peft = hooks.model_peft(peft_cfg, _perturb(hooks.init_leaves(peft_cfg, CFG, base,
                                                                  jax.random.key(6))))
   tokens, positions, segments = _inputs(length=6)
-  want = forward(CFG, base, tokens, positions, segments, peft=peft)[0]
+  want = forward(CFG, base, tokens, positions, segments, peft=peft)
   loaded = dict(base, peft=peft)
-  np.testing.assert_allclose(forward(CFG, loaded, tokens, positions, segments)[0], want,
+  np.testing.assert_allclose(forward(CFG, loaded, tokens, positions, segments), want,
                              atol=1e-6)
   cache = init_cache(CFG, 2, 8)
-  first, cache = forward(CFG, loaded, tokens[:, :5], positions[:, :5], segments[:, :5], cache)
-  last, _ = forward(CFG, loaded, tokens[:, 5:], positions[:, 5:], segments[:, 5:], cache)
+  first, cache = forward_cached(CFG, loaded, tokens[:, :5], positions[:, :5], segments[:, :5],
+                                cache)
+  last, _ = forward_cached(CFG, loaded, tokens[:, 5:], positions[:, 5:], segments[:, 5:], cache)
   np.testing.assert_allclose(jnp.concatenate([first, last], axis=1), want, atol=1e-5)

@@ -11,13 +11,14 @@ import pytest
 from flax import traverse_util
 
 from lmjax import cli
+from lmjax import tasks
 from lmjax.config import ConfigError, base_config, validate
 from lmjax.models.transformer import ModelConfig, init_params
 from lmjax.models.transformer import forward as _forward
 from lmjax.peft import quant
-from lmjax.posttrain import params as params_lib
-from lmjax.posttrain import tasks as tasks_lib
+from lmjax.tasks import params as params_lib
 from lmjax.train import step as step_lib
+from lmjax.train.state import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 forward = jax.jit(_forward, static_argnums=0)
@@ -129,7 +130,7 @@ def _inputs(cfg, batch=2, length=8, seed=0):
 @pytest.mark.parametrize('base_dtype,scan', [('nf4', False), ('nf4', True), ('int8', True)])
 def test_quantised_base_at_lora_init_is_the_dequantised_model(base_dtype, scan):
   config = _config(base_dtype, scan=scan)
-  task = params_lib.task_from_config(config)
+  task = tasks.from_config(config)
   boxed_model = init_params(task.model, jax.random.key(0))
   params = nn.unbox(params_lib.build_params(task, boxed_model, jax.random.key(1)))
   float_model = nn.unbox(boxed_model)
@@ -148,16 +149,16 @@ def test_quantised_base_at_lora_init_is_the_dequantised_model(base_dtype, scan):
                              quant.dequantize_tree(params['frozen']['model'], scan))
   assert jax.tree.structure(dequantised) == jax.tree.structure(float_model)
   inputs = _inputs(task.model)
-  got = forward(task.model, params_lib.model_params(task, params), *inputs)[0]
-  np.testing.assert_array_equal(got, forward(task.model, dequantised, *inputs)[0])
+  got = forward(task.model, params_lib.model_params(task, params), *inputs)
+  np.testing.assert_array_equal(got, forward(task.model, dequantised, *inputs))
   # and close to the float model it was quantised from
-  want = forward(task.model, float_model, *inputs)[0]
+  want = forward(task.model, float_model, *inputs)
   rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
   print(f'{base_dtype} scan={scan}: relative logits error vs the float model {rel:.2e}')
   assert 0 < rel < (0.02 if base_dtype == 'int8' else 0.2), rel
   # the reference (adapters off) is the dequantised model too
   np.testing.assert_array_equal(
-      forward(task.model, params_lib.reference_params(task, params), *inputs)[0], got)
+      forward(task.model, params_lib.reference_params(task, params), *inputs), got)
 
 
 def _sft_batch(cfg, batch=2, length=8):
@@ -169,13 +170,13 @@ def _sft_batch(cfg, batch=2, length=8):
 @pytest.mark.parametrize('method', ['lora', 'dora'])
 def test_nf4_lora_steps_change_only_adapters_and_lower_the_loss(method):
   config = _config('nf4', method=method, scan=True)
-  step_cfg = step_lib.StepConfig.from_config(config)
-  tx, schedule = tasks_lib.make_optimizer(config, step_cfg.task)
-  state = step_lib.init_state(step_cfg, tx, 0)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  state = init_state(task, tx, 0)
   state = state.replace(params=nn.unbox(state.params))
   first = jax.tree.map(np.asarray, state)
-  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
-  batch = _sft_batch(step_cfg.model)
+  fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b))
+  batch = _sft_batch(task.model)
   losses = []
   for _ in range(6):
     state, metrics = fn(state, batch)
@@ -227,24 +228,24 @@ def test_nf4_run_resumes_merges_and_starts_from_a_float_checkpoint(tmp_path):
   assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))
   # the restored run holds the quantised base
-  task, params = params_lib.load_post_params(workdir)
+  task, params = tasks.load_task_params(workdir)
   frozen = traverse_util.flatten_dict(params['frozen']['model'])
   assert frozen[('layers', 'mlp', 'down', 'nf4')].dtype == jnp.uint8
   # merge: a float export equal to the adapted, dequantised model
   merged_dir = str(tmp_path / 'merged')
   assert cli.main(['peft', 'merge', f'--workdir={workdir}', f'--output={merged_dir}']) == 0
-  merged = params_lib.load_model_params(merged_dir)
+  merged = tasks.load_trained(merged_dir)[1]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(merged))
   inputs = _inputs(task.model)
-  np.testing.assert_allclose(forward(task.model, merged, *inputs)[0],
-                             forward(task.model, params_lib.model_params(task, params), *inputs)[0],
+  np.testing.assert_allclose(forward(task.model, merged, *inputs),
+                             forward(task.model, params_lib.model_params(task, params), *inputs),
                              atol=1e-4)
   # init_from a float checkpoint (the merged export) quantises it into a fresh nf4 base
   second = str(tmp_path / 'second')
   assert cli.main(['train', f'--config={ROOT}/configs/sft_tiny.py', f'--workdir={second}',
                    '--config.peft.base_dtype=nf4', '--config.model.scan_layers=true',
                    f'--config.init_from={merged_dir}', '--no_sample', '--config.steps=1']) == 0
-  task2, params2 = params_lib.load_post_params(second)
+  task2, params2 = tasks.load_task_params(second)
   want = nn.unbox(params_lib.split_model(task2, merged)[1])
   for path, x in traverse_util.flatten_dict(params2['frozen']['model']).items():
     np.testing.assert_array_equal(x, traverse_util.flatten_dict(want)[path])
@@ -254,7 +255,7 @@ def test_dora_magnitudes_follow_the_quantised_base_at_build_and_init_from():
   """DoRA starts as the model it adapts: magnitudes are the column norms of the dequantised base,
   also after `init_from` replaces the base (place_model)."""
   config = _config('nf4', method='dora', scan=True)
-  task = params_lib.task_from_config(config)
+  task = tasks.from_config(config)
   params = nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
                                             jax.random.key(1)))
   inputs = _inputs(task.model)
@@ -262,8 +263,8 @@ def test_dora_magnitudes_follow_the_quantised_base_at_build_and_init_from():
   def check(params):
     dequantised = jax.tree.map(lambda x: x.astype(jnp.float32),
                                quant.dequantize_tree(params['frozen']['model'], True))
-    np.testing.assert_allclose(forward(task.model, params_lib.model_params(task, params), *inputs)[0],
-                               forward(task.model, dequantised, *inputs)[0], atol=1e-5)
+    np.testing.assert_allclose(forward(task.model, params_lib.model_params(task, params), *inputs),
+                               forward(task.model, dequantised, *inputs), atol=1e-5)
 
   check(params)
   loaded = nn.unbox(init_params(task.model, jax.random.key(7)))  # another float model

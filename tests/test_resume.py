@@ -11,17 +11,23 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax.commands.common import load_model, workdir_config
+from lmjax import tasks
+from lmjax import workdir as workdir_lib
 
+FAULT_INJECTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fault_injection.py')
 STEPS = 12
 ARGS = ['--config=tiny', f'--config.steps={STEPS}', '--config.checkpoint_every=4',
         '--config.eval_every=100', '--config.log_every=1', '--no_sample']
 
 
-def _train(workdir, env=None, wait=True):
-  cmd = [sys.executable, '-m', 'lmjax.cli', 'train', f'--workdir={workdir}', *ARGS]
-  proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+def _train(workdir, faults=(), wait=True):
+  """`lmjax train` in a subprocess; with `faults` (--crash_at=N, --step_delay=S) it runs through
+  tests/fault_injection.py, the same command with fault-injection hooks."""
+  if faults:
+    cmd = [sys.executable, FAULT_INJECTION, *faults, f'--workdir={workdir}', *ARGS]
+  else:
+    cmd = [sys.executable, '-m', 'lmjax.cli', 'train', f'--workdir={workdir}', *ARGS]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if wait:
     out, _ = proc.communicate(timeout=300)
     return proc.returncode, out
@@ -35,7 +41,7 @@ def _train_losses(workdir):
 
 
 def _params(workdir):
-  return load_model(workdir, workdir_config(workdir))[1]
+  return tasks.load_model(workdir, workdir_lib.config_of(workdir))[1]
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +57,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize('crash_at,delay', [(9, '0.3'), (8, '0')])
 def test_killed_run_resumes_bit_identically(uninterrupted, tmp_path, crash_at, delay):
   workdir = str(tmp_path)
-  code, out = _train(workdir, env={'LMJAX_CRASH_AT_STEP': str(crash_at), 'LMJAX_STEP_DELAY': delay})
+  code, out = _train(workdir, faults=[f'--crash_at={crash_at}', f'--step_delay={delay}'])
   assert code == -signal.SIGKILL, out
   completed = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
   assert max(completed, default=0) <= 8
@@ -68,7 +74,7 @@ def test_killed_run_resumes_bit_identically(uninterrupted, tmp_path, crash_at, d
 
 def test_sigterm_saves_and_exits_zero(uninterrupted, tmp_path):
   workdir = str(tmp_path)
-  proc = _train(workdir, env={'LMJAX_STEP_DELAY': '0.5'}, wait=False)
+  proc = _train(workdir, faults=['--step_delay=0.5'], wait=False)
   deadline = time.time() + 240
   while time.time() < deadline and not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
     time.sleep(0.2)

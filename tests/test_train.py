@@ -12,10 +12,12 @@ import optax
 import pytest
 
 from lmjax import config as config_lib
+from lmjax import tasks
 from lmjax.losses import cross_entropy
-from lmjax.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+from lmjax.optim import learning_rate_schedule, weight_decay_mask
 from lmjax.train import step as step_lib
 from lmjax.train.loop import TrainingError, train
+from lmjax.train.state import init_state
 
 
 def _batch(batch=8, length=16, vocab=384, seed=0):
@@ -28,12 +30,12 @@ def _batch(batch=8, length=16, vocab=384, seed=0):
 
 
 def _state_and_step(config):
-  step_cfg = step_lib.StepConfig.from_config(config)
-  tx, schedule = make_optimizer(config.optimizer, config.steps)
-  state = step_lib.init_state(step_cfg, tx, seed=0)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  state = init_state(task, tx, seed=0)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   state = state.replace(params=nn.unbox(state.params))
-  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
+  fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b))
   return state, fn
 
 
