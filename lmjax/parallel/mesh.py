@@ -90,6 +90,9 @@ def validate(config, num_devices: int) -> None:
   if m.num_layers % sizes['pipeline']:
     raise ConfigError(f'mesh.pipeline: {sizes["pipeline"]} does not divide '
                       f'model.num_layers={m.num_layers}')
+  if config.peft.method in ('prompt', 'p_tuning') and sizes['pipeline'] > 1:
+    raise ConfigError(f'peft.method: {config.peft.method} (virtual tokens through every layer) is '
+                      f'not supported with pipeline stages (mesh.pipeline={sizes["pipeline"]})')
   if m.logits_chunk and sizes['pipeline'] > 1:
     raise ConfigError('model.logits_chunk: not supported with pipeline stages (mesh.pipeline='
                       f'{sizes["pipeline"]}); set it to 0')
