@@ -168,7 +168,7 @@ def evaluate_policy(workdir: str, base_params, tok, samples: int, seed: int = 0)
     texts.append(tok.decode([t for t in response if t != tok.eos_id]))
     examples.append((prompt + response, [0] * len(prompt) + [1] * len(response)))
   batch = preference.pad_rows(examples, max(len(e[0]) for e in examples))
-  seq_logp = jax.jit(lambda p, b: preference_task.sequence_log_probs(task, p, b))
+  seq_logp = jax.jit(lambda p, b: preference_task.rows_log_probs(task, p, b))
   kl = np.asarray(seq_logp(policy, batch)) - np.asarray(seq_logp(base_params, batch))
   rewards = np.asarray([rule_reward(t) for t in texts])
   return {'rule_reward': float(rewards.mean()), 'preferred_share': float(np.mean(rewards > 0.5)),

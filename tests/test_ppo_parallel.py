@@ -14,8 +14,9 @@ WORKER = os.path.join(TESTS, 'ppo_parallel_worker.py')
 
 
 def _run(devices, *args):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',  # optimisation level 0: compiling dominates
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+                       '--xla_backend_optimization_level=0')
   proc = subprocess.run([sys.executable, WORKER, *args], env=env, capture_output=True, text=True,
                         timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -110,8 +110,8 @@ def _merge_micro(x_M, microbatches):
   return x_BM.reshape(x_BM.shape[0] * microbatches, *x_BM.shape[2:])
 
 
-def forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, *, stages: int,
-            microbatches: int, mesh=None, peft=None):
+def staged_forward(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, *,
+                   stages: int, microbatches: int, mesh=None, peft=None):
   """Same contract as `transformer.forward` (no KV cache): logits_BLV, float32.
 
   Must run under `jax.set_mesh(mesh)` (or pass `mesh`) whose `pipeline` axis has `stages` devices.

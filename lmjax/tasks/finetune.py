@@ -32,7 +32,7 @@ class FineTuneTask(Task):
     """Plain model params with the adapters merged in; an in-model PEFT run (bottleneck, prefix,
     prompt, p_tuning) cannot merge: its base comes with the `peft` entry the model reads."""
     if hooks.is_hook_method(self.peft.method):
-      return dict(params_lib.model_params(self, params), peft=params_lib.model_peft(self, params))
+      return dict(params_lib.model_params(self, params), peft=params_lib.peft_leaves(self, params))
     return params_lib.merged_model_params(self, params)
 
   def place_base(self, params, base):
@@ -44,7 +44,7 @@ class FineTuneTask(Task):
 
   def model_inputs(self, params, rng=None):
     """(the params tree the Transformer reads, its `peft` argument) for the policy."""
-    return params_lib.model_params(self, params, rng), params_lib.model_peft(self, params)
+    return params_lib.model_params(self, params, rng), params_lib.peft_leaves(self, params)
 
   def loss_sums(self, trainable, frozen, batch, rng):
     return self.sums(self.join(trainable, frozen), batch, rng)

@@ -6,7 +6,7 @@ is differentiated and has optimizer state.
                          `peft.freeze_patterns`; only `peft.train_patterns` with adapters)
   trainable['adapters']  LoRA / DoRA / VeRA leaves (see `lmjax.peft.lora`), or the leaves of an
                          in-model method (bottleneck / prefix / prompt / p_tuning, see
-                         `lmjax.peft.hooks`; the forward pass gets them via `model_peft`)
+                         `lmjax.peft.hooks`; the forward pass gets them via `peft_leaves`)
   trainable['head']      reward model: scalar head {'w': (D,), 'b': ()}
   trainable['value']     PPO: value head {'w': (D,), 'b': ()}
   frozen['model']        the other base leaves (held in `peft.base_dtype`; int8 / nf4 store the
@@ -115,7 +115,7 @@ def model_params(task, params, rng=None, adapters: bool = True, merged: bool = F
   base stays quantised: the model applies and decodes them inside each layer, so no float copy of
   the whole model is built. `merged=True` builds the adapted, decoded weights once instead, for
   decoding many steps with the same weights. In-model methods leave it as the base: pass
-  `model_peft(task, params)` to the forward pass."""
+  `peft_leaves(task, params)` to the forward pass."""
   stacked = task.model.scan_layers
   if merged:
     base = _base_model(task, params)
@@ -130,7 +130,7 @@ def model_params(task, params, rng=None, adapters: bool = True, merged: bool = F
   return base
 
 
-def model_peft(task, params):
+def peft_leaves(task, params):
   """The `peft` argument of `forward` (in-model methods: bottleneck, prefix, prompt, p_tuning);
   None for the other methods, whose adapters `model_params` already applies."""
   if not hooks.is_hook_method(task.peft.method):

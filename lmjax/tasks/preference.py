@@ -46,7 +46,7 @@ def _run(task, model, rows, peft=None):
 def reward_scores(task, params, rows, rng=None):
   model = params_lib.model_params(task, params, rng)
   _, hidden_BLD = forward_hidden(task.model, model, rows['inputs'], rows['positions'],
-                                 rows['segment_ids'], peft=params_lib.model_peft(task, params))
+                                 rows['segment_ids'], peft=params_lib.peft_leaves(task, params))
   return score_last_token(hidden_BLD, rows['segment_ids'], params['trainable']['head'])
 
 
@@ -58,7 +58,7 @@ def reward_sums(task, params, batch, rng=None):
   return sequence_sums(loss, metrics, n)
 
 
-def sequence_log_probs(task, model, rows, peft=None):
+def rows_log_probs(task, model, rows, peft=None):
   """Per-row sum of log p(target) over the weighted tokens of `rows` (B,) under plain `model`."""
   logits_BLV = _run(task, model, rows, peft)
   return losses.sequence_log_probs(logits_BLV, rows['targets'], rows['weights'])
@@ -70,19 +70,19 @@ def kto_unpaired_sums(task, params, batch, rng=None):
   post = task.post
   n = batch['inputs'].shape[0]
   rows = {k: batch[k] for k in _ROW_KEYS}
-  model, peft = params_lib.model_params(task, params, rng), params_lib.model_peft(task, params)
+  model, peft = params_lib.model_params(task, params, rng), params_lib.peft_leaves(task, params)
   ref = params_lib.reference_params(task, params)
-  logps_B = sequence_log_probs(task, model, rows, peft)
+  logps_B = rows_log_probs(task, model, rows, peft)
   kl_ref = None
   if 'kl_inputs' in batch:
     kl_rows = {k: batch[f'kl_{k}'] for k in _ROW_KEYS}
     both = {k: jnp.concatenate([rows[k], kl_rows[k]]) for k in _ROW_KEYS}
-    ref_logps_B = jax.lax.stop_gradient(sequence_log_probs(task, ref, both))
-    kl_logps_B = jax.lax.stop_gradient(sequence_log_probs(task, model, kl_rows, peft))
+    ref_logps_B = jax.lax.stop_gradient(rows_log_probs(task, ref, both))
+    kl_logps_B = jax.lax.stop_gradient(rows_log_probs(task, model, kl_rows, peft))
     kl_ref = jnp.mean(kl_logps_B - ref_logps_B[n:])
     ref_logps_B = ref_logps_B[:n]
   else:
-    ref_logps_B = jax.lax.stop_gradient(sequence_log_probs(task, ref, rows))
+    ref_logps_B = jax.lax.stop_gradient(rows_log_probs(task, ref, rows))
   loss, metrics = losses.kto_loss(logps_B, ref_logps_B, batch['desirable'], kl_ref, post.beta,
                                   post.kto_desirable_weight, post.kto_undesirable_weight)
   return sequence_sums(loss, metrics, n)
@@ -95,14 +95,14 @@ def preference_sums(task, params, batch, rng=None):
   n = batch['chosen_inputs'].shape[0]
   rows = _pair_rows(batch)
   logits = _run(task, params_lib.model_params(task, params, rng), rows,
-                params_lib.model_peft(task, params))
+                params_lib.peft_leaves(task, params))
   if post.loss_type == 'orpo':
     avg = losses.sequence_log_probs(logits, rows['targets'], rows['weights'], average=True)
     loss, metrics = losses.orpo_loss(avg[:n], avg[n:], -avg[:n], post.beta)
     return sequence_sums(loss, metrics, n)
   logps = losses.sequence_log_probs(logits, rows['targets'], rows['weights'])
   ref_logps = jax.lax.stop_gradient(
-      sequence_log_probs(task, params_lib.reference_params(task, params), rows))
+      rows_log_probs(task, params_lib.reference_params(task, params), rows))
   if post.loss_type == 'kto':
     desirable = jnp.concatenate([jnp.ones((n,)), jnp.zeros((n,))])
     loss, metrics = losses.kto_loss(logps, ref_logps, desirable, None, post.beta,

@@ -17,7 +17,7 @@ def token_loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0, 
   chunk by chunk (`losses.chunked_cross_entropy`): the same sums without the (B, L, V) logits."""
   args = (model_cfg, params, batch['inputs'], batch['positions'], batch['segment_ids'])
   if pipeline[0] > 1:
-    logits_BLV = pipeline_lib.forward(*args, stages=pipeline[0], microbatches=pipeline[1],
+    logits_BLV = pipeline_lib.staged_forward(*args, stages=pipeline[0], microbatches=pipeline[1],
                                       peft=peft)
   elif model_cfg.logits_chunk > 0:
     hidden_BLD, head_DV = forward_head_inputs(*args, peft=peft)
