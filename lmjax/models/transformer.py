@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from lmjax.config import base_config
 from lmjax.models import attention as attention_lib
 from lmjax.models.layers import MLP, RMSNorm, constrain, param_with_axes, rope
 
@@ -49,8 +50,12 @@ _REMAT_POLICIES = {
 }
 
 
+_SCHEMA = base_config().model  # the `model` group's defaults: one definition, in the schema
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """The `model` group as hashable static data (head_dim and dtypes resolved)."""
   vocab_size: int
   num_layers: int
   d_model: int
@@ -58,24 +63,24 @@ class ModelConfig:
   num_kv_heads: int
   head_dim: int
   mlp_dim: int
-  max_seq_len: int = 2048
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = False
-  sliding_window: int = 0
-  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
-  attention: str = 'xla'
-  scan_layers: bool = False
-  remat: str = 'none'
+  max_seq_len: int = _SCHEMA.max_seq_len
+  rope_theta: float = _SCHEMA.rope_theta
+  norm_eps: float = _SCHEMA.norm_eps
+  tie_embeddings: bool = _SCHEMA.tie_embeddings
+  sliding_window: int = _SCHEMA.sliding_window
+  qkv_bias: bool = _SCHEMA.qkv_bias  # biases on the q/k/v projections (Qwen2)
+  attention: str = _SCHEMA.attention
+  scan_layers: bool = _SCHEMA.scan_layers
+  remat: str = _SCHEMA.remat
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  init_std: float = 0.02
-  rope_scaling: str = 'none'  # none | llama3
-  rope_scaling_factor: float = 8.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
-  logits_chunk: int = 0  # > 0: training losses run the LM head over this many tokens at a time
+  init_std: float = _SCHEMA.init_std
+  rope_scaling: str = _SCHEMA.rope_scaling  # none | llama3
+  rope_scaling_factor: float = _SCHEMA.rope_scaling_factor
+  rope_low_freq_factor: float = _SCHEMA.rope_low_freq_factor
+  rope_high_freq_factor: float = _SCHEMA.rope_high_freq_factor
+  rope_original_max_len: int = _SCHEMA.rope_original_max_len
+  logits_chunk: int = _SCHEMA.logits_chunk
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':

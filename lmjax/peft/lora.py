@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lmjax.config import PEFT_LOW_RANK, choices
+from lmjax.config import PEFT_LOW_RANK, base_config, choices
 
 LOW_RANK_METHODS = PEFT_LOW_RANK
 ATTACHED_SUFFIX = '_lora'  # `attach`: factors stored next to their weight, applied in the layer
@@ -44,22 +44,26 @@ TARGET_ALIASES = {
 }
 
 
+_SCHEMA = base_config().peft  # the `peft` group's defaults: one definition, in the schema
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
-  method: str = 'none'
-  rank: int = 8
-  alpha: float = 16.0
-  rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-  dropout: float = 0.0
-  targets: str = 'all-linear'  # an alias above or a regex searched in 'layers_0/attn/q'
-  lora_plus_ratio: float = 1.0  # LoRA+: learning-rate multiplier of B
-  train_patterns: str = ''  # regex of base leaves that also train (BitFit-style: 'scale')
-  freeze_patterns: str = ''  # full fine-tuning: regex of base leaves kept frozen (e.g. 'embed')
-  base_dtype: str = 'float32'  # frozen base: float32 | bfloat16 | int8 | nf4 (`lmjax.peft.quant`)
-  seed: int = 0  # VeRA's shared random projections
-  num_virtual_tokens: int = 8  # prefix / prompt / p_tuning: P virtual tokens (prefix length)
-  adapter_dim: int = 16  # bottleneck adapters: r
-  encoder_dim: int = 0  # p_tuning: hidden size of the prompt encoder MLP (0: d_model)
+  """The `peft` group as hashable static data."""
+  method: str = _SCHEMA.method
+  rank: int = _SCHEMA.rank
+  alpha: float = _SCHEMA.alpha
+  rslora: bool = _SCHEMA.rslora  # scale alpha / sqrt(r) instead of alpha / r
+  dropout: float = _SCHEMA.dropout
+  targets: str = _SCHEMA.targets  # an alias above or a regex searched in 'layers_0/attn/q'
+  lora_plus_ratio: float = _SCHEMA.lora_plus_ratio  # LoRA+: learning-rate multiplier of B
+  train_patterns: str = _SCHEMA.train_patterns
+  freeze_patterns: str = _SCHEMA.freeze_patterns
+  base_dtype: str = _SCHEMA.base_dtype
+  seed: int = _SCHEMA.seed  # VeRA's shared random projections
+  num_virtual_tokens: int = _SCHEMA.num_virtual_tokens
+  adapter_dim: int = _SCHEMA.adapter_dim  # bottleneck adapters: r
+  encoder_dim: int = _SCHEMA.encoder_dim
 
   @classmethod
   def from_config(cls, peft_config) -> 'PeftConfig':
