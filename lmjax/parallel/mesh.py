@@ -23,10 +23,6 @@ from lmjax.config import ConfigError, mesh_shape
 from lmjax.parallel import sharding as sharding_lib
 from lmjax.parallel.sharding import BATCH_AXES, MESH_AXES, validate_parallelism  # noqa: F401
 
-# The default preset's rules (parameters and activations), for callers without a config.
-LOGICAL_RULES = sharding_lib.preset_rules(sharding_lib.DEFAULT_PRESET)[0]
-logical_shardings = sharding_lib.logical_shardings
-
 
 def device_grid(config, devices) -> np.ndarray:
   """Devices arranged as the mesh: (data, fsdp, tensor, pipeline)."""

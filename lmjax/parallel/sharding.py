@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from lmjax.config import ConfigError, mesh_shape, rows_per_step
 
@@ -183,12 +182,6 @@ def check_rule_coverage(boxed_params, rules) -> None:
   unknown = sorted(ruled - set(PARAM_AXES) - set(ACTIVATION_AXES))
   if unknown:
     raise ConfigError(f'sharding_rules: rule(s) {unknown} match no logical axis')
-
-
-def logical_shardings(boxed_tree, mesh, rules):
-  """NamedShardings for a tree of logically partitioned (boxed) values."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
 def shards_of(spec: PartitionSpec, sizes: dict) -> int:

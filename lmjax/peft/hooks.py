@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from lmjax.config import PEFT_IN_MODEL
 
 METHODS = PEFT_IN_MODEL
-VIRTUAL_TOKEN_METHODS = ('prefix', 'prompt', 'p_tuning')
 
 
 def is_hook_method(method: str) -> bool:
