@@ -200,7 +200,7 @@ def orpo_loss(chosen_avg_logps_B, rejected_avg_logps_B, chosen_nll_B, beta: floa
   chosen_B = jax.lax.stop_gradient(beta * chosen_avg_logps_B)
   rejected_B = jax.lax.stop_gradient(beta * rejected_avg_logps_B)
   metrics = {'log_odds': jnp.mean(log_odds_B), 'odds_ratio_loss': -jnp.mean(ratio_B),
-             'nll': jnp.mean(chosen_nll_B), 'chosen_reward': jnp.mean(chosen_B),
+             'chosen_nll': jnp.mean(chosen_nll_B), 'chosen_reward': jnp.mean(chosen_B),
              'rejected_reward': jnp.mean(rejected_B), 'margin': jnp.mean(chosen_B - rejected_B),
              'accuracy': jnp.mean((chosen_B > rejected_B).astype(jnp.float32))}
   return loss, metrics

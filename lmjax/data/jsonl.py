@@ -8,7 +8,20 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from lmjax.data.sources import DataError
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file (and the line, for JSONL)."""
+
+
+def decode_line(raw: bytes, where: str):
+  """One JSONL line's value; `where` ('path:line') heads the error."""
+  try:
+    return json.loads(raw.decode('utf-8'))
+  except UnicodeDecodeError as e:
+    raise DataError(f'{where}: not valid UTF-8 (byte {e.start})') from None
+  except json.JSONDecodeError as e:
+    raise DataError(f'{where}: not valid JSON ({e.msg})') from None
 
 
 def read_jsonl(path: str, field: str | None = None, encode: Callable | None = None,
@@ -33,12 +46,7 @@ def read_jsonl(path: str, field: str | None = None, encode: Callable | None = No
       if not raw.strip():
         continue
       where = f'{path}:{line_no}'
-      try:
-        record = json.loads(raw.decode('utf-8'))
-      except UnicodeDecodeError as e:
-        raise DataError(f'{where}: not valid UTF-8 (byte {e.start})') from None
-      except json.JSONDecodeError as e:
-        raise DataError(f'{where}: not valid JSON ({e.msg})') from None
+      record = decode_line(raw, where)
       if field is not None:
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
           raise DataError(f'{where}: no string field {field!r}')

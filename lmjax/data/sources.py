@@ -20,16 +20,14 @@ import os
 import sysconfig
 from typing import NamedTuple
 
+from lmjax.data.jsonl import DataError, decode_line  # noqa: F401  (DataError re-exported)
+
 _log = logging.getLogger(__name__)
 
 STDLIB = 'stdlib'
 _STDLIB_EXCLUDED_DIRS = frozenset({'site-packages', 'dist-packages', 'test', 'tests', 'idle_test',
                                    '__pycache__'})
 _WARN_FIRST = 5
-
-
-class DataError(ValueError):
-  """Bad input data; the message names the file (and the line, for JSONL)."""
 
 
 class DocRef(NamedTuple):
@@ -118,12 +116,7 @@ def _read_text_file(path: str) -> str:
 
 def _jsonl_text(raw: bytes, path: str, line: int, text_field: str) -> str:
   where = f'{path}:{line}'
-  try:
-    record = json.loads(raw.decode('utf-8'))
-  except UnicodeDecodeError as e:
-    raise DataError(f'{where}: not valid UTF-8 (byte {e.start})') from None
-  except json.JSONDecodeError as e:
-    raise DataError(f'{where}: not valid JSON ({e.msg})') from None
+  record = decode_line(raw, where)
   if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
     raise DataError(f'{where}: no string field {text_field!r} (data.text_field)')
   return record[text_field]

@@ -29,12 +29,13 @@ __all__ = ['SamplingConfig', 'decode', 'filter_logits', 'generate', 'generate_wi
 _log = logging.getLogger(__name__)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
-  """Left-padded tokens, positions and segment ids; the width rounds up to `multiple` so that
-  similar prompt lengths share one compiled program."""
+def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8, width: int = 0):
+  """Left-padded tokens, positions (0 at each first real token) and segment ids; the width
+  rounds up to `multiple` so that similar prompt lengths share one compiled program (or is
+  `width`, when given)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError('every prompt needs at least one token')
-  width = -(-max(len(p) for p in prompts) // multiple) * multiple
+  width = width or -(-max(len(p) for p in prompts) // multiple) * multiple
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   positions = np.zeros_like(tokens)
   segments = np.zeros_like(tokens)

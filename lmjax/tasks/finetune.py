@@ -69,5 +69,8 @@ def sequence_sums(loss, metrics: dict, n: int) -> dict:
   """The sums contract for a loss that is a mean over `n` sequences (pairs, examples)."""
   out = {'loss': loss * n, 'nll': loss * n, 'z': jax.numpy.zeros((), jax.numpy.float32),
          'weight': jax.numpy.asarray(n, jax.numpy.float32)}
+  clash = set(out) & set(metrics)
+  if clash:  # a metric must never stand in for the loss the step reports and guards
+    raise ValueError(f'loss metrics {sorted(clash)} collide with the sums contract')
   out.update({k: v * n for k, v in metrics.items()})
   return out

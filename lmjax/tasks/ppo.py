@@ -30,7 +30,7 @@ import numpy as np
 from lmjax import losses
 from lmjax import workdir as workdir_lib
 from lmjax.data.sft import EpochIterator, read_train_file
-from lmjax.inference.generate import SamplingConfig, decode, prefill
+from lmjax.inference.generate import SamplingConfig, decode, left_pad, prefill
 from lmjax.models.transformer import ModelConfig, forward, forward_hidden
 from lmjax.tasks import params as params_lib
 from lmjax.tasks.finetune import FineTuneTask, sequence_sums
@@ -39,15 +39,8 @@ from lmjax.tasks.preference import RewardTask, reward_scores
 
 def prompt_rows(prompts: list[list[int]], width: int) -> dict[str, np.ndarray]:
   """Prompts left-padded to `width`: tokens, positions (0 at each first real token), segment ids."""
-  tokens = np.zeros((len(prompts), width), np.int32)
-  positions = np.zeros_like(tokens)
-  segments = np.zeros_like(tokens)
-  for row, prompt in enumerate(prompts):
-    k = len(prompt)
-    tokens[row, width - k:] = prompt
-    positions[row, width - k:] = np.arange(k)
-    segments[row, width - k:] = 1
-  return {'prompt_tokens': tokens, 'prompt_positions': positions, 'prompt_segment_ids': segments}
+  return dict(zip(('prompt_tokens', 'prompt_positions', 'prompt_segment_ids'),
+                  left_pad(prompts, width=width)))
 
 
 def rollout_rows(prompt: dict, responses_BN, lengths_B) -> dict:
