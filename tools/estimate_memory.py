@@ -96,8 +96,9 @@ def activation_bytes(config, sizes) -> float:
     kept = layers_here * full_layer
   elif cfg.remat in ('dots', 'dots_saveable'):
     kept = layers_here * tokens * (saved_dots + d) * itemsize + full_layer
-  else:  # full / minimal: the layer inputs, and one layer recomputed at a time
-    kept = layers_here * tokens * d * itemsize + full_layer
+  else:  # full: the layer inputs, and one layer recomputed at a time; minimal: + attention out
+    saved = d + (h * dh if cfg.remat == 'minimal' else 0)
+    kept = layers_here * tokens * saved * itemsize + full_layer
   if stages > 1:  # GPipe keeps every in-flight micro-batch's stage activations
     kept = kept * (micro + stages - 1) / micro
   logits = tokens * cfg.vocab_size / t * 4 * 3  # float32 logits, log-softmax, gradient
