@@ -19,10 +19,11 @@ import jax
 import numpy as np
 
 from lmjax import config as config_lib
-from lmjax.optim import make_optimizer
+from lmjax import tasks
 from lmjax.parallel import mesh as mesh_lib
 from lmjax.train import step as step_lib
-from lmjax.train.loop import build_state, global_batch
+from lmjax.train.loop import global_batch
+from lmjax.train.state import build_state
 
 PRESET_MESHES = {  # preset -> (data, fsdp, tensor)
     'dp': (8, 1, 1),
@@ -62,20 +63,20 @@ def batches(config, count, seed=0):
 def run_steps(config, host_batches, devices, grads_only=False, step_seconds=None):
   """Trains on `host_batches` under the config's mesh over `devices`: (losses, final state);
   appends each step's wall time after the first (compiling) one to `step_seconds` if given."""
-  config_lib.validate(config, len(devices))
+  mesh_lib.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(config, devices)
-  tx, schedule = make_optimizer(config.optimizer, config.steps)
-  step_cfg = step_lib.StepConfig.from_config(config)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.rules(config)[0])):
-    create, abstract = build_state(config, mesh, tx)
+    create, abstract = build_state(task, tx, config.seed, mesh, mesh_lib.rules(config))
     state = create()
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     if grads_only:
-      fn = jax.jit(lambda p, b: step_lib.accumulated_grads(step_cfg, p, b),
+      fn = jax.jit(lambda p, b: step_lib.accumulated_grads(task, p, b),
                    in_shardings=(shardings.params, batch_sharding))
       return fn(state.params, global_batch(host_batches[0], batch_sharding)), state
-    fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b),
+    fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b),
                  in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)))
     losses = []
@@ -250,9 +251,10 @@ def check_fsdp_memory():
   config = small_config(**{'sharding': 'fsdp', 'mesh.data': 1, 'mesh.fsdp': 8,
                            'model.d_model': 256, 'model.mlp_dim': 704})
   mesh = mesh_lib.make_mesh(config, jax.devices())
-  tx, _ = make_optimizer(config.optimizer, config.steps)
+  task = tasks.from_config(config)
+  tx, _ = task.optimizer(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.rules(config)[0])):
-    create, _ = build_state(config, mesh, tx)
+    create, _ = build_state(task, tx, config.seed, mesh, mesh_lib.rules(config))
     state = create()
   return {'per_device': _bytes_on_device_0(state), 'total': _bytes_total(state)}
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from lmjax import config as config_lib
+from lmjax.parallel import mesh as mesh_lib
 from lmjax.parallel import sharding as sharding_lib
 from lmjax.parallel.pipeline import bubble_fraction
 
@@ -139,11 +140,13 @@ def test_restore_under_other_meshes_continues_the_run(multi_device, workdir_root
     np.testing.assert_allclose(resumed_one[step], full[step], rtol=RTOL)
 
 
-def _two_processes(mode, workdir, env_per_process=({}, {})):
+def _two_processes(mode, workdir, faults_per_process=((), ())):
+  """Both processes of the job; `faults_per_process`: each one's fault-injection flags
+  (--crash_at=N, --step_delay=S, see tests/fault_injection.py; MODE `loop` only)."""
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, os.path.join(TESTS, 'parallel_multihost.py'), mode, str(i), str(port),
-       str(workdir)], env=_env(4, **env_per_process[i]), stdout=subprocess.PIPE,
+       str(workdir), *faults_per_process[i]], env=_env(4), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
@@ -175,11 +178,9 @@ def test_two_processes_match_one(tmp_path):
 def test_dead_peer_makes_the_survivor_exit(tmp_path, victim=1):
   """Process `victim` is SIGKILLed at step 3; the other must fail within 60 s, not hang. (With
   victim=0 the coordinator itself dies; that also aborts the survivor in about a second.)"""
-  crash = [{}, {}]
-  crash[victim] = {'LMJAX_CRASH_AT_STEP': '3'}
-  for env in crash:
-    env['LMJAX_STEP_DELAY'] = '0.2'
-  procs = _two_processes('loop', tmp_path / 'run', crash)
+  faults = [['--step_delay=0.2'], ['--step_delay=0.2']]
+  faults[victim].append('--crash_at=3')
+  procs = _two_processes('loop', tmp_path / 'run', faults)
   procs[victim].wait(timeout=300)
   died_at = time.monotonic()
   survivor = procs[1 - victim]
@@ -220,7 +221,7 @@ def test_bad_mesh_config_is_one_line_error_naming_the_key(tiny_config, overrides
                                                           message):
   config_lib.apply_overrides(tiny_config, overrides)
   with pytest.raises(config_lib.ConfigError) as error:
-    config_lib.validate(tiny_config, devices)
+    mesh_lib.validate(tiny_config, devices)
   assert message in str(error.value) and '\n' not in str(error.value)
 
 
@@ -232,7 +233,7 @@ def test_good_mesh_configs_validate(tiny_config):
       (['batch_size=8', 'mesh.data=8', 'mesh.dcn_data=2', 'sharding=dp'], 8)]:
     config = config_lib.load_config('tiny')
     config_lib.apply_overrides(config, overrides)
-    config_lib.validate(config, devices)
+    mesh_lib.validate(config, devices)
 
 
 def test_rule_overrides_and_coverage(tiny_config):
