@@ -97,8 +97,8 @@ def case(request, tmp_path_factory):
 def _lmjax_logits(cfg, params, tokens_BL):
   batch, length = tokens_BL.shape
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  logits, _ = transformer.forward(cfg, params, jnp.asarray(tokens_BL), positions,
-                                  jnp.ones((batch, length), jnp.int32))
+  logits = transformer.forward(cfg, params, jnp.asarray(tokens_BL), positions,
+                               jnp.ones((batch, length), jnp.int32))
   return np.asarray(logits)
 
 
@@ -157,7 +157,7 @@ def test_workdir_loads_with_load_params(case):
 
 
 def _lmjax_greedy(cfg, params, prompt, new_tokens):
-  step = jax.jit(functools.partial(transformer.forward, cfg))
+  step = jax.jit(functools.partial(transformer.forward_cached, cfg))
   cache = transformer.init_cache(cfg, 1, len(prompt) + new_tokens)
   tokens = jnp.asarray([prompt], jnp.int32)
   positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
