@@ -399,7 +399,7 @@ def test_hook_method_save_and_merge_refusal(tmp_path):
 
 @pytest.mark.parametrize('method', ['bottleneck', 'prefix', 'prompt'])
 def test_hook_methods_decode_with_a_cache_from_params_peft(method):
-  """A trained run loaded for sampling: the base with a `peft` entry (load_model_params); prefill
+  """A trained run loaded for sampling: the base with a `peft` entry (tasks.load_trained); prefill
   then one decode step match the full forward pass."""
   from lmjax.models.transformer import forward_cached, init_cache  # pylint: disable=g-import-not-at-top
   base = _base()
