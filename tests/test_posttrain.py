@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmjax import tasks
 from lmjax.config import base_config
 from lmjax.data import preference, sft
 from lmjax.models.transformer import forward, init_params
-from lmjax.posttrain import params as params_lib
-from lmjax.posttrain import tasks as tasks_lib
+from lmjax.tasks import params as params_lib
+from lmjax.tasks import preference as preference_tasks
 from lmjax.train import step as step_lib
+from lmjax.train.state import init_state
 
 
 class FakeTok:
@@ -41,7 +43,7 @@ def _config(task, **post):
 
 
 def _params(config):
-  task = params_lib.task_from_config(config)
+  task = tasks.from_config(config)
   return task, nn.unbox(params_lib.build_params(task, init_params(task.model, jax.random.key(0)),
                                                 jax.random.key(1)))
 
@@ -71,7 +73,7 @@ def test_sft_loss_ignores_prompt_targets():
   task, params = _params(config)
   tokens, mask = sft.encode_prompt_response(FakeTok(), 'def f(x):', ' return x')
   batch, _ = sft.pack_examples(lambda i: (tokens, mask), 0, 2, 24, pack=False)
-  loss = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b)['loss'])
+  loss = jax.jit(lambda b: task.sums(params, b, None)['loss'])
   base = float(loss(batch))
   prompt_pos = int(np.argmax(batch['weights'][0] == 0))  # a prompt target
   changed = dict(batch, targets=batch['targets'].copy())
@@ -86,11 +88,11 @@ def test_reward_head_reads_last_non_pad_token():
   hidden = jax.random.normal(jax.random.key(0), (2, 6, 4))
   segments = jnp.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
   head = {'w': jnp.arange(4.0), 'b': jnp.float32(0.5)}
-  scores = tasks_lib.score_last_token(hidden, segments, head)
+  scores = preference_tasks.score_last_token(hidden, segments, head)
   np.testing.assert_allclose(scores, [hidden[0, 2] @ head['w'] + 0.5,
                                       hidden[1, 5] @ head['w'] + 0.5], rtol=1e-6)
   moved = hidden.at[0, 3:].set(100.0).at[0, :2].set(-5.0)  # padding and earlier tokens
-  np.testing.assert_allclose(tasks_lib.score_last_token(moved, segments, head), scores)
+  np.testing.assert_allclose(preference_tasks.score_last_token(moved, segments, head), scores)
 
 
 def _pair_batch(rows=2, row_len=24):
@@ -103,13 +105,13 @@ def _pair_batch(rows=2, row_len=24):
 @pytest.mark.parametrize('peft', ['none', 'lora'])
 def test_dpo_starts_at_log2_and_raises_margin(peft):
   config = _config('dpo', peft__method=peft, peft__rank=4)
-  step_cfg = step_lib.StepConfig.from_config(config)
-  tx, schedule = tasks_lib.make_optimizer(config, step_cfg.task)
-  state = step_lib.init_state(step_cfg, tx, 0)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  state = init_state(task, tx, 0)
   state = state.replace(params=nn.unbox(state.params))
   assert ('ref' in state.params['frozen']) == (peft == 'none')  # LoRA: no reference copy
   batch = _pair_batch()
-  fn = jax.jit(lambda s, b: step_lib.train_step(step_cfg, tx, schedule, s, b))
+  fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b))
   state, first = fn(state, batch)
   assert float(first['loss']) == pytest.approx(math.log(2.0), abs=1e-5)
   assert float(first['margin']) == pytest.approx(0.0, abs=1e-6)
@@ -125,9 +127,9 @@ def test_rpo_adds_the_chosen_per_token_nll():
   config = _config('dpo', chosen_nll_coef=0.7, peft__method='lora', peft__rank=4)
   task, params = _params(config)
   batch = _pair_batch()
-  sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(batch)
+  sums = jax.jit(lambda b: task.sums(params, b, None))(batch)
   logits = forward(task.model, params_lib.model_params(task, params), batch['chosen_inputs'],
-                   batch['chosen_positions'], batch['chosen_segment_ids'])[0]
+                   batch['chosen_positions'], batch['chosen_segment_ids'])
   logp_BL = np.asarray(jax.nn.log_softmax(logits))
   targets, weights = np.asarray(batch['chosen_targets']), np.asarray(batch['chosen_weights'])
   token_logp = np.take_along_axis(logp_BL, targets[..., None], -1)[..., 0]
@@ -137,18 +139,54 @@ def test_rpo_adds_the_chosen_per_token_nll():
   assert float(sums['loss']) / n == pytest.approx(math.log(2.0) + 0.7 * nll, rel=1e-5)
 
 
-@pytest.mark.parametrize('loss_type', ['ipo', 'orpo', 'kto'])
-def test_preference_variants_run(loss_type):
-  config = _config('dpo', loss_type=loss_type, peft__method='lora', peft__rank=4)
-  task, params = _params(config)
-  sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(_pair_batch())
-  assert all(np.isfinite(float(v)) for v in sums.values())
+def _mean_response_logps(task, params, batch):
+  """Mean per-token log-prob of each chosen and of each rejected response, in float64 numpy."""
+  out = []
+  for side in ('chosen', 'rejected'):
+    logits = forward(task.model, params_lib.model_params(task, params), batch[f'{side}_inputs'],
+                     batch[f'{side}_positions'], batch[f'{side}_segment_ids'])
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
+    targets, weights = np.asarray(batch[f'{side}_targets']), np.asarray(batch[f'{side}_weights'])
+    token = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    out.append((token * weights).sum(-1) / weights.sum(-1))
+  return out
+
+
+@pytest.mark.parametrize('loss_type', ['ipo', 'hinge', 'orpo', 'kto'])
+def test_preference_variants_start_at_their_closed_form_and_descend(loss_type):
+  """With LoRA (B = 0) the policy starts as the reference, every log-ratio h is 0: IPO's
+  (h - 1/(2 beta))^2 is 1/(4 beta^2), hinge's max(0, 1 - beta h) is 1, KTO's 1 - sigmoid(0) is 1/2
+  for desirable and undesirable rows alike. ORPO has no reference: mean chosen NLL - beta log
+  sigmoid(log odds_c - log odds_r), odds = p / (1 - p) of the mean token probability, from the
+  model's own log-probs. Then five steps on the batch lower the objective."""
+  beta = 0.1
+  config = _config('dpo', loss_type=loss_type, beta=beta, peft__method='lora', peft__rank=4)
+  task = tasks.from_config(config)
+  tx, schedule = task.optimizer(config)
+  state = init_state(task, tx, 0)
+  state = state.replace(params=nn.unbox(state.params))
+  batch = _pair_batch()
+  if loss_type == 'orpo':
+    chosen, rejected = _mean_response_logps(task, state.params, batch)
+    log_odds = lambda a: a - np.log1p(-np.exp(a))
+    log_sigmoid = -np.log1p(np.exp(-(log_odds(chosen) - log_odds(rejected))))
+    want = float(np.mean(-chosen - beta * log_sigmoid))
+  else:
+    want = {'ipo': 1 / (4 * beta**2), 'hinge': 1.0, 'kto': 0.5}[loss_type]
+  sums = jax.jit(lambda p: task.sums(p, batch, None))
+  objective = lambda p: float(sums(p)['loss'] / sums(p)['weight'])
+  start = objective(state.params)
+  assert start == pytest.approx(want, rel=1e-5)
+  fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b))
+  for _ in range(5):
+    state, _ = fn(state, batch)
+  assert objective(state.params) < start - 1e-3 * abs(start)
 
 
 def test_reward_task_loss():
   config = _config('reward', margin=0.0, center_coef=0.01)
   task, params = _params(config)
-  sums = jax.jit(lambda b: tasks_lib.loss_sums(task, params, b))(_pair_batch())
+  sums = jax.jit(lambda b: task.sums(params, b, None))(_pair_batch())
   # the head starts at zero: every reward is 0, so the loss is log 2 per pair
   assert float(sums['loss'] / sums['weight']) == pytest.approx(math.log(2.0), abs=1e-6)
 
