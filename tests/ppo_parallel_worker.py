@@ -51,7 +51,10 @@ def fixed_rollout(config):
 
 
 def update(layout: str) -> dict:
-  config = ppo_config(layout)
+  # SGD: the update is linear in the gradient, so it shows the sharded gradient's own error
+  # (Adam's first steps turn any float difference in a near-zero gradient into a full step)
+  config = ppo_config(layout, 'optimizer.name=sgd', 'optimizer.learning_rate=0.05',
+                      'optimizer.weight_decay=0.0')
   devices = jax.devices()[:int(np.prod(LAYOUTS[layout]))]
   mesh_lib.validate(config, len(devices))
   task = tasks.from_config(config)
