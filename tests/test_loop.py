@@ -4,6 +4,8 @@ stopped by SIGTERM and resumed equals an uninterrupted one exactly."""
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -88,22 +90,53 @@ def test_ppo_kl_coefficient_moves_by_the_controller_each_step(tmp_path):
   assert records[-1]['kl_coef'] != records[0]['kl_coef']
 
 
-def test_ppo_stopped_by_sigterm_resumes_exactly(tmp_path):
-  overrides = ('steps=4', 'checkpoint_every=1000', 'post.target_kl=0.05')
-  straight = str(tmp_path / 'straight')
-  train(_config(f'{ROOT}/configs/ppo_tiny.py', *overrides), straight)
+PPO_OVERRIDES = ('steps=4', 'checkpoint_every=2', 'post.target_kl=0.05')
+COMPARED = ('loss', 'kl', 'score', 'kl_coef', 'grad_norm', 'value_loss')
 
-  def sigterm_after_two(step, state):
+
+@pytest.fixture(scope='module')
+def ppo_straight(tmp_path_factory):
+  """An uninterrupted 4-iteration PPO run (adaptive KL: task state that must resume too)."""
+  workdir = str(tmp_path_factory.mktemp('ppo_straight'))
+  train(_config(f'{ROOT}/configs/ppo_tiny.py', *PPO_OVERRIDES), workdir)
+  return _train_records(workdir)
+
+
+def _last_per_step(records):
+  return [r for _, r in sorted({r['step']: r for r in records}.items())]
+
+
+def test_ppo_stopped_by_sigterm_resumes_exactly(tmp_path, ppo_straight):
+  def sigterm_after_one(step, state):
     del state
-    if step == 2:
+    if step == 1:
       os.kill(os.getpid(), signal.SIGTERM)
 
   resumed = str(tmp_path / 'resumed')
-  summary = train(_config(f'{ROOT}/configs/ppo_tiny.py', *overrides), resumed,
-                  hooks=[sigterm_after_two])
-  assert summary['step'] == 2 and summary['stopped_by_signal']
-  train(_config(f'{ROOT}/configs/ppo_tiny.py', *overrides), resumed)
-  want, got = _train_records(straight), _train_records(resumed)
+  config = _config(f'{ROOT}/configs/ppo_tiny.py', *PPO_OVERRIDES)
+  summary = train(config, resumed, hooks=[sigterm_after_one])
+  assert summary['step'] == 1 and summary['stopped_by_signal']  # saved between checkpoints
+  train(_config(f'{ROOT}/configs/ppo_tiny.py', *PPO_OVERRIDES), resumed)
+  got = _train_records(resumed)
   assert [r['step'] for r in got] == [1, 2, 3, 4]
-  for key in ('loss', 'kl', 'score', 'kl_coef', 'grad_norm', 'value_loss'):
-    assert [r[key] for r in got] == [r[key] for r in want], key
+  for key in COMPARED:
+    assert [r[key] for r in got] == [r[key] for r in ppo_straight], key
+
+
+def test_ppo_killed_mid_run_resumes_exactly(tmp_path, ppo_straight):
+  workdir = str(tmp_path / 'killed')
+  args = [f'--config={ROOT}/configs/ppo_tiny.py', f'--workdir={workdir}', '--no_sample',
+          '--config.progress_bar=false', '--config.log_every=1',
+          *(f'--config.{o}' for o in PPO_OVERRIDES)]
+  killed = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'fault_injection.py'),
+                           '--crash_at=3', '--step_delay=0.5', *args], capture_output=True,
+                          text=True, timeout=600, check=False)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']  # step 3 died unsaved
+  resumed = subprocess.run([sys.executable, '-m', 'lmjax.cli', 'train', *args],
+                           capture_output=True, text=True, timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  got = _last_per_step(_train_records(workdir))
+  assert [r['step'] for r in got] == [1, 2, 3, 4]
+  for key in COMPARED:
+    assert [r[key] for r in got] == [r[key] for r in ppo_straight], key
