@@ -1,4 +1,4 @@
-"""Tiny supervised fine-tuning with LoRA, for tests: seconds on one CPU core (lmjax.posttrain).
+"""Tiny supervised fine-tuning with LoRA, for tests: seconds on one CPU core (lmjax.tasks).
 
 Model shape and tokenizer are those of the `tiny` preset (lmjax/configs/tiny.py), so
 `--config.init_from` a tiny run works. The other *_tiny post-training configs in this folder start

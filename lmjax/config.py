@@ -1,6 +1,6 @@
 """Config schema, command-line overrides and validation.
 
-Every config file in `configs/` starts from `base_config()` and changes values; it may not add keys.
+Every config file (the presets in `lmjax/configs/`, the examples in `configs/`) starts from `base_config()` and changes values; it may not add keys.
 `apply_overrides` parses `--config.KEY=VALUE` strings with the type of the existing value, and
 `validate` checks cross-field consistency. Both raise `ConfigError` with a one-line message that
 names the offending key, before anything is compiled.
@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.spike_window = 100  # steps in the running loss statistics
   c.z_loss = 0.0
   c.progress_bar = True
-  c.task = 'pretrain'  # pretrain | sft | reward | dpo | ppo (lmjax.posttrain)
+  c.task = 'pretrain'  # pretrain | sft | reward | dpo | ppo (lmjax.tasks)
 
   c.model = ml_collections.ConfigDict()
   m = c.model
@@ -136,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   p.adapter_dim = 16  # bottleneck: adapter hidden size
   p.encoder_dim = 0  # p_tuning: prompt-encoder MLP hidden size (0 = model.d_model)
 
-  c.post = ml_collections.ConfigDict()  # post-training tasks (lmjax.posttrain)
+  c.post = ml_collections.ConfigDict()  # post-training tasks (lmjax.tasks)
   q = c.post
   q.train_file = ''  # JSONL: prompt/response or messages (sft); prompt/chosen/rejected (reward, dpo)
   # or, for dpo with loss_type=kto, unpaired prompt/completion/label (label true = desirable)

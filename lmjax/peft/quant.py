@@ -17,7 +17,7 @@ scales, biases) stay float, in `REST_DTYPE` (bfloat16), and so does a weight who
 
 The quantised leaf is a small dict in place of the array, so the frozen tree's paths end in
 ('q', 'nf4') / ('q', 'absmax'); `dequantize_tree` turns it back into the plain model tree inside
-the jitted step (`lmjax.posttrain.params.model_params`).
+the jitted step (`lmjax.tasks.params.model_params`).
 """
 
 from __future__ import annotations
