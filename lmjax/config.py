@@ -1,6 +1,7 @@
 """Config schema, command-line overrides and validation.
 
-Every config file (the presets in `lmjax/configs/`, the examples in `configs/`) starts from `base_config()` and changes values; it may not add keys.
+Every config file (the presets in `lmjax/configs/`, the examples in `configs/`) starts from
+`base_config()` and changes values; it may not add keys.
 `apply_overrides` parses `--config.KEY=VALUE` strings with the type of the existing value, and
 `validate` checks cross-field consistency. Both raise `ConfigError` with a one-line message that
 names the offending key, before anything is compiled.
