@@ -36,23 +36,24 @@ def from_config(config) -> Task:
 
 
 
-def load_trained(workdir: str, config=None):
+def load_trained(workdir: str, config=None, mesh=None, rules=()):
   """(config, plain decoding params) of any lmjax workdir (pretraining, converted, exported, or a
-  fine-tuning run with its adapters merged), on one device."""
+  fine-tuning run with its adapters merged), on one device or restored straight onto `mesh`."""
   config = config if config is not None else workdir_lib.read_config(workdir)
   if config is None:
     raise FileNotFoundError(f'{workdir}: no config.json (not an lmjax workdir)')
-  task, params = load_task_params(workdir, config)
+  task, params = load_task_params(workdir, config, mesh, rules)
   return config, task.decoding_params(params)
 
 
-def load_task_params(workdir: str, config=None):
-  """(task, the params tree the workdir's task trains), on one device."""
+def load_task_params(workdir: str, config=None, mesh=None, rules=()):
+  """(task, the params tree the workdir's task trains), on one device or laid out on `mesh` by
+  the logical-axis `rules`."""
   config = config if config is not None else workdir_lib.read_config(workdir)
   if config is None:
     raise FileNotFoundError(f'{workdir}: no config.json (not an lmjax workdir)')
   task = from_config(config)
-  return task, workdir_lib.load_params(workdir, task.abstract_params())
+  return task, workdir_lib.load_params(workdir, task.abstract_params(mesh, rules))
 
 
 def load_model(workdir: str, config=None):

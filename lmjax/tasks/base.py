@@ -18,7 +18,7 @@ A task is a frozen (hashable) description built once from the config (`lmjax.tas
                eval_sums(params, batch)  {'nll', 'weight'} on a held-out batch
   experience   phases, experience(phase, state, aux, batch) -> (batch, stats, task_state): jitted
                                          programs the loop runs before each update (PPO: rollout,
-                                         score); aux = load_auxiliary() (PPO: the reward model)
+                                         score); aux = load_auxiliary(mesh, rules) (PPO: the reward model)
                updates = (epochs, minibatches): optimizer updates per step over the batch
   accounting   step_tokens(batch) -> (trained, forward_only) tokens per step, for MFU
 """
@@ -72,13 +72,21 @@ class Task:
     del rng
     return model_params
 
-  def abstract_params(self, sharding=None):
-    """Shapes and dtypes of the plain params tree (on `sharding`, default one device)."""
-    shapes = jax.eval_shape(lambda: nn.unbox(self.init_params(
-        init_params(self.model, jax.random.key(0)), jax.random.key(0))))
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        shapes)
+  def abstract_params(self, mesh=None, rules=()):
+    """Shapes and dtypes of the plain params tree: on one device, or laid out on `mesh` by the
+    logical-axis `rules` (leaves without axis names, e.g. adapters, replicated)."""
+    with nn.logical_axis_rules(()):
+      boxed = jax.eval_shape(lambda: self.init_params(
+          init_params(self.model, jax.random.key(0)), jax.random.key(0)))
+    shapes = jax.tree.map(lambda x: getattr(x, 'value', x), boxed,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, shapes)
+    else:
+      shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        shardings)
 
   def split(self, params):
     return params, {}
@@ -111,7 +119,9 @@ class Task:
   def init_task_state(self) -> dict:
     return {}
 
-  def load_auxiliary(self):
+  def load_auxiliary(self, mesh, rules):
+    """Read-only inputs of the experience phases, laid out on `mesh` (PPO: the reward model)."""
+    del mesh, rules
     return None
 
   def experience(self, phase: str, state, aux, batch):

@@ -201,10 +201,12 @@ class PpoTask(FineTuneTask):
   def init_task_state(self):
     return {'kl_coef': jnp.asarray(self.post.kl_coef, jnp.float32)}
 
-  def load_auxiliary(self):
+  def load_auxiliary(self, mesh, rules):
+    """The reward model's params, restored straight into the mesh layout of its rules."""
     if self.reward is None:
       return None
-    return workdir_lib.load_params(self.post.reward_model, self.reward.abstract_params())
+    return workdir_lib.load_params(self.post.reward_model,
+                                   self.reward.abstract_params(mesh, rules))
 
   def experience(self, phase, state, aux, batch):
     task_state = state.task_state

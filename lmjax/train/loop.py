@@ -115,12 +115,10 @@ def train(config, workdir: str, hooks: Sequence[Callable] = (),
       train_iter.set_state(data_state)
     else:
       state = create_state()
-      if config.init_from:
-        base = tasks_lib.load_trained(config.init_from)[1]
+      if config.init_from:  # restored onto the mesh, then placed in the state's layout
+        base = tasks_lib.load_trained(config.init_from, mesh=mesh, rules=rules[0])[1]
         state = state.replace(params=task.place_base(state.params, base))
-    aux = task.load_auxiliary()
-    if aux is not None:
-      aux = jax.device_put(aux, mesh_lib.replicated(mesh))
+    aux = task.load_auxiliary(mesh, rules[0])
     programs = jit_programs(task, tx, schedule, mesh, abstract_state)
     summary = _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, programs,
                         checkpointer, mesh, is_lead, start_time, hooks, clock)
