@@ -4,6 +4,8 @@
                                                           on a fixed scored rollout, on one device
                                                           and under fsdp=8 and data=2 x fsdp=4
   python tests/ppo_parallel_worker.py train LAYOUT DIR    3 PPO iterations through `train`
+  python tests/ppo_parallel_worker.py restore             workdirs restored onto fsdp=8 (init_from,
+                                                          the reward model)
 
 Prints one JSON object as its last stdout line.
 """
@@ -74,7 +76,28 @@ def update(layout: str) -> dict:
           'metrics': {k: float(v) for k, v in jax.device_get({**metrics, **stats}).items()}}
 
 
+def restore() -> dict:
+  """A LoRA-SFT workdir (its adapters merged) and its pretraining base, restored onto fsdp=8 by
+  the rules, against the same loads on one device."""
+  out = {}
+  config = ppo_config('fsdp8')
+  mesh = mesh_lib.make_mesh(config)
+  for name in ('pretrain', 'sft_lora'):
+    workdir = os.path.join(ROOT, 'tests', 'data', 'workdir_v0', name)
+    _, sharded = tasks.load_trained(workdir, mesh=mesh, rules=mesh_lib.rules(config)[0])
+    _, single = tasks.load_trained(workdir)
+    out[name] = {
+        'max_diff': max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                        for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single))),
+        'embed_shards': len({str(s.index) for s in sharded['embed'].addressable_shards}),
+        'embed_spec': str(sharded['embed'].sharding.spec)}
+  return out
+
+
 def main(argv):
+  if argv[1] == 'restore':
+    print(json.dumps(restore()))
+    return
   if argv[1] == 'update':
     print(json.dumps({layout: update(layout) for layout, (data, fsdp) in LAYOUTS.items()
                       if data * fsdp <= jax.device_count()}))

@@ -50,3 +50,11 @@ def test_three_ppo_iterations_on_8_devices_match_one_device(tmp_path, layout, on
   for a, b in zip(got, one):
     assert a['loss'] == pytest.approx(b['loss'], abs=1e-2)
     assert a['score'] == pytest.approx(b['score'], abs=1e-2)
+
+
+def test_workdirs_restore_straight_onto_the_mesh():
+  """What `init_from` and PPO's reward model load: restored into the rules' layout (the
+  embedding split 8 ways over fsdp), equal to a one-device load."""
+  for name, r in _run(8, 'restore').items():
+    assert r['max_diff'] == 0.0, name
+    assert r['embed_shards'] == 8 and 'fsdp' in r['embed_spec'], (name, r)
