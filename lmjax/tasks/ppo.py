@@ -223,7 +223,7 @@ class PpoTask(FineTuneTask):
       next_pos_B = jnp.sum(prompt['prompt_segment_ids'], axis=1)
       tokens_BN, _, _, lengths_B, _ = decode(
           self.model, sampling, policy, cache, logits_BV, next_pos_B, prompt['prompt_tokens'],
-          prompt['prompt_segment_ids'], jax.random.fold_in(rng, 1))
+          prompt['prompt_segment_ids'], jax.random.fold_in(rng, 2))  # 1: the update's shuffles
       rollout = rollout_rows(prompt, tokens_BN, lengths_B)
       return rollout, {'rollout_tokens': jnp.sum(lengths_B).astype(jnp.float32)}, task_state
     data, stats = score_rollout(self, state.params, batch, task_state['kl_coef'], aux)

@@ -41,7 +41,3 @@ class PretrainTask(Task):
   def loss_sums(self, trainable, frozen, batch, rng):
     del frozen, rng
     return token_loss_sums(self.model, trainable, batch, self.z_loss, self.pipeline)
-
-  def eval_sums(self, params, batch):
-    sums = token_loss_sums(self.model, params, batch, pipeline=self.pipeline)
-    return {'nll': sums['nll'], 'weight': sums['weight']}
