@@ -6,6 +6,11 @@ import tempfile
 # One tokenizer/peak-FLOPs cache for the whole session, never the user's own.
 os.environ.setdefault('LMJAX_CACHE_DIR', tempfile.mkdtemp(prefix='lmjax-test-cache-'))
 os.environ.setdefault('LMJAX_PEAK_FLOPS', '1e11')  # MFU needs a peak; don't measure it in tests
+# The [tpu] extra installs libtpu, which probes for TPU hardware (and logs about it) at start-up.
+# Tests run on the CPU and compile for TPU ahead of time, which needs no TPU backend; several
+# workers may load libtpu at once.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
