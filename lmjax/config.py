@@ -19,6 +19,9 @@ import os
 import ml_collections
 
 
+MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline', 'expert')  # `expert`: MoE expert parallelism
+
+
 class ConfigError(ValueError):
   """A bad config key or value; the message names the key."""
 
@@ -74,6 +77,23 @@ def base_config() -> ml_collections.ConfigDict:
   # a time, recomputed in the backward pass, instead of holding the (batch, seq, vocab) float32
   # logits and their gradient; the same loss. 0 = off. Not with pipeline stages (mesh.pipeline)
   m.logits_chunk = 0
+  # mixture of experts (lmjax.models.moe, docs/moe.md); num_experts = 0 is a dense model and every
+  # other moe key must then keep its default
+  m.moe = ml_collections.ConfigDict()
+  e = m.moe
+  e.num_experts = 0  # routed experts per MoE layer; 0 = dense
+  e.experts_per_token = 2  # top-k
+  e.expert_mlp_dim = 0  # hidden size of one expert; 0 = model.mlp_dim
+  e.num_shared_experts = 0  # experts every token passes through (one SwiGLU of this many x width)
+  e.first_k_dense = 0  # the first k layers keep the dense MLP
+  e.moe_every = 1  # after those, every n-th layer is MoE (the others dense)
+  e.router = 'softmax_topk'  # softmax_topk | topk_softmax | sigmoid (DeepSeek-V3)
+  e.renormalize = True  # rescale the k routing weights of a token to sum to 1
+  e.dispatch = 'dropless'  # dropless (sort + ragged_dot) | capacity (fixed shapes, drops)
+  e.capacity_factor = 1.25  # capacity: slots per expert = ceil(factor x tokens x k / experts)
+  e.aux_loss_coef = 0.01  # Switch load-balancing loss
+  e.z_loss_coef = 0.001  # router z-loss
+  e.bias_update_rate = 0.0  # sigmoid router: aux-loss-free balancing bias step; 0 = off
 
   c.optimizer = ml_collections.ConfigDict()
   o = c.optimizer
@@ -100,9 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_workers = 0
 
   c.mesh = ml_collections.ConfigDict()
-  for axis in ('data', 'fsdp', 'tensor', 'pipeline'):
+  for axis in MESH_AXES:
     c.mesh[axis] = -1 if axis == 'data' else 1
-  for axis in ('data', 'fsdp', 'tensor', 'pipeline'):  # how much of each axis spans slices/hosts
+  for axis in MESH_AXES:  # how much of each axis spans slices/hosts
     c.mesh[f'dcn_{axis}'] = 1
   c.sharding = 'dp_fsdp_tp'  # dp | zero1 | fsdp | fsdp_tp | dp_fsdp_tp (docs/parallelism.md)
   c.sharding_rules = ''  # overrides of the preset: 'embed=fsdp,mlp=tensor,act_len='
@@ -142,6 +162,11 @@ def base_config() -> ml_collections.ConfigDict:
   q.train_file = ''  # JSONL: prompt/response or messages (sft); prompt/chosen/rejected (reward, dpo)
   # or, for dpo with loss_type=kto, unpaired prompt/completion/label (label true = desirable)
   q.pack = True  # sft: pack several examples per row
+  q.fields = ''  # field mapping NAME=SOURCE,...: 'prompt=question,chosen=better' (docs/data.md)
+  q.eval_file = ''  # held-out examples; empty = post.eval_fraction of train_file (eval_batches > 0)
+  q.eval_fraction = 0.05  # share of train_file held out when there is no eval_file
+  q.max_prompt_length = 0  # a prompt that does not fit is cut from the left to this; 0 = half a row
+  q.chat_template = ''  # messages: '' = the tokenizer's own (tokenizer_config.json) or lmjax's
   q.beta = 0.1  # dpo/ipo/hinge/kto temperature; orpo: weight of the odds-ratio term
   q.loss_type = 'sigmoid'  # dpo: sigmoid | ipo | hinge | orpo | kto
   q.label_smoothing = 0.0  # dpo sigmoid: conservative DPO
@@ -217,7 +242,9 @@ _CHOICES = {
     'post.loss_type': ('sigmoid', 'ipo', 'hinge', 'orpo', 'kto'),
     'post.kl_estimator': ('k1', 'k2', 'k3'),
     'post.advantage': ('gae', 'grpo'),
-    'sharding': ('dp', 'zero1', 'fsdp', 'fsdp_tp', 'dp_fsdp_tp'),
+    'sharding': ('dp', 'zero1', 'fsdp', 'fsdp_tp', 'dp_fsdp_tp', 'ep'),
+    'model.moe.router': ('softmax_topk', 'topk_softmax', 'sigmoid'),
+    'model.moe.dispatch': ('dropless', 'capacity'),
 }
 _POSITIVE = ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every', 'eval_every',
              'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_in_a_row', 'model.vocab_size',
@@ -356,6 +383,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % config.grad_accum_steps:
     raise ConfigError(f'grad_accum_steps: {config.grad_accum_steps} does not divide '
                       f'batch_size={config.batch_size}')
+  if not 0.0 <= config.post.eval_fraction < 1.0:
+    raise ConfigError(f'post.eval_fraction: must be in [0, 1); got {config.post.eval_fraction}')
+  if config.post.max_prompt_length < 0:
+    raise ConfigError(f'post.max_prompt_length: must be >= 0; got {config.post.max_prompt_length}')
   if not 0.0 <= config.data.eval_fraction < 1.0:
     raise ConfigError(f'data.eval_fraction: must be in [0, 1); got {config.data.eval_fraction}')
   if not 0.0 < config.sample.top_p <= 1.0:
@@ -365,7 +396,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.warmup_steps > config.steps:
     raise ConfigError(f'optimizer.warmup_steps: {config.optimizer.warmup_steps} exceeds '
                       f'steps={config.steps}')
+  _validate_moe(config.model.moe)
   _validate_post(config)
+
+
+def _validate_moe(e) -> None:
+  if e.num_experts == 0:
+    defaults = base_config().model.moe
+    for key, value in e.items():
+      if value != defaults[key]:
+        raise ConfigError(f'model.moe.{key}: set on a dense model; set model.moe.num_experts > 0 '
+                          'for a mixture of experts (or leave this key at its default)')
+    return
+  if e.num_experts < 0:
+    raise ConfigError(f'model.moe.num_experts: must be >= 0; got {e.num_experts}')
+  if not 0 < e.experts_per_token <= e.num_experts:
+    raise ConfigError(f'model.moe.experts_per_token: must be in [1, model.moe.num_experts='
+                      f'{e.num_experts}]; got {e.experts_per_token}')
+  for key in ('expert_mlp_dim', 'num_shared_experts', 'first_k_dense', 'bias_update_rate',
+              'aux_loss_coef', 'z_loss_coef'):
+    if e[key] < 0:
+      raise ConfigError(f'model.moe.{key}: must be >= 0; got {e[key]}')
+  if e.moe_every < 1:
+    raise ConfigError(f'model.moe.moe_every: must be >= 1; got {e.moe_every}')
+  if e.capacity_factor <= 0:
+    raise ConfigError(f'model.moe.capacity_factor: must be positive; got {e.capacity_factor}')
+  if e.bias_update_rate and e.router != 'sigmoid':
+    raise ConfigError('model.moe.bias_update_rate: aux-loss-free balancing needs '
+                      f'model.moe.router=sigmoid; got {e.router}')
 
 
 def _validate_post(config) -> None:
@@ -415,7 +473,7 @@ def _validate_post(config) -> None:
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
   """Mesh axis sizes with a single `-1` filled by the remaining devices."""
-  sizes = {axis: config.mesh[axis] for axis in ('data', 'fsdp', 'tensor', 'pipeline')}
+  sizes = {axis: config.mesh.get(axis, 1) for axis in MESH_AXES}
   fill = [axis for axis, size in sizes.items() if size == -1]
   if len(fill) > 1:
     raise ConfigError(f'mesh.{fill[1]}: only one mesh axis may be -1')
