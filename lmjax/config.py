@@ -195,6 +195,14 @@ def base_config() -> ml_collections.ConfigDict:
   q.temperature = 1.0
   q.whiten_advantages = True
 
+  c.eval = ml_collections.ConfigDict()  # lm-evaluation-harness tasks during training
+  c.eval.harness_tasks = ''  # comma-separated task / group names (or YAML paths); empty = off
+  c.eval.harness_every = 0  # run them every N steps and at the last step; 0 = the last step only
+  c.eval.harness_num_fewshot = 0
+  c.eval.harness_limit = 0  # documents per task; 0 = all
+  c.eval.harness_batch_size = 16  # rows per scoring batch
+  c.eval.harness_include_path = ''  # a directory of task YAMLs (local tasks)
+
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 128
@@ -253,7 +261,8 @@ _POSITIVE = ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every', 
 _NON_NEGATIVE = ('eval_batches', 'model.head_dim', 'model.sliding_window', 'model.logits_chunk',
                  'optimizer.warmup_steps', 'optimizer.learning_rate', 'optimizer.weight_decay',
                  'optimizer.grad_clip', 'spike_sigmas', 'z_loss', 'sample.max_new_tokens',
-                 'sample.top_k', 'sample.temperature')
+                 'sample.top_k', 'sample.temperature', 'eval.harness_every',
+                 'eval.harness_num_fewshot', 'eval.harness_limit')
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
@@ -393,6 +402,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'sample.top_p: must be in (0, 1]; got {config.sample.top_p}')
   if not 0.0 <= config.optimizer.decay_fraction <= 1.0:
     raise ConfigError('optimizer.decay_fraction: must be in [0, 1]')
+  if config.eval.harness_tasks and config.eval.harness_batch_size <= 0:
+    raise ConfigError(f'eval.harness_batch_size: must be positive; got '
+                      f'{config.eval.harness_batch_size}')
   if config.optimizer.warmup_steps > config.steps:
     raise ConfigError(f'optimizer.warmup_steps: {config.optimizer.warmup_steps} exceeds '
                       f'steps={config.steps}')
