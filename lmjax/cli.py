@@ -15,6 +15,7 @@ COMMANDS = {
     'train': ('lmjax.commands.train', 'train (or resume) a model in a workdir'),
     'sample': ('lmjax.commands.sample', 'generate text from a trained workdir'),
     'eval': ('lmjax.commands.evaluate', 'evaluate a trained workdir on held-out data'),
+    'lm-eval': ('lmjax.commands.lm_eval', 'lm-evaluation-harness\'s CLI with the lmjax model'),
     'score': ('lmjax.commands.score', 'per-token log-probabilities of texts or token ids'),
     'convert': ('lmjax.commands.convert', 'convert Hugging Face models to/from workdirs'),
     'scaling': ('lmjax.commands.scaling', 'scaling laws: FLOP accounting, IsoFLOP design, fits'),
