@@ -1,8 +1,8 @@
-"""Tests for the Pallas flash attention kernel (CPU, Pallas interpret mode).
+"""Flash attention numerics in the Pallas interpreter (CPU) against a naive reference.
 
-Shapes are small and block sizes are 32/64 so that multiple tiles, padding of
-non-multiple lengths and causal / sliding-window tile skipping are exercised
-while the whole file stays fast.
+The interpreter runs the TPU tiling (`lmjax.kernels.flash_tpu`: the same kernels, block specs and
+grid that Mosaic compiles), so these tests cover what a TPU runs. Shapes are small and blocks
+32/64 so that several tiles, padded lengths and skipped tiles are exercised.
 """
 
 import jax
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lmjax.kernels.flash_attention import flash_attention
+from lmjax.kernels import flash_blocks
 
 
 def naive_attention(q, k, v, q_seg=None, kv_seg=None, *, causal=True,
@@ -62,7 +63,7 @@ def _packed_segments(seed, batch, length, max_docs=4):
   return jnp.asarray(seg)
 
 
-def _run_both(q, k, v, do, seg=None, *, causal, window=0, block_q, block_k):
+def _run_both(q, k, v, do, seg=None, *, causal, window=0, block_q, block_k, **kw):
   """Returns (out, (dq, dk, dv)) for the kernel and for the reference."""
   if isinstance(seg, tuple):
     q_seg, kv_seg = seg
@@ -71,7 +72,8 @@ def _run_both(q, k, v, do, seg=None, *, causal, window=0, block_q, block_k):
 
   def kernel(q, k, v):
     return flash_attention(q, k, v, seg, causal=causal, sliding_window=window,
-                           block_q=block_q, block_k=block_k, interpret=True)
+                           block_q=block_q, block_k=block_k, block_q_bwd=block_q,
+                           block_k_bwd=block_k, interpret=True, **kw)
 
   def ref(q, k, v):
     return naive_attention(q, k, v, q_seg, kv_seg, causal=causal,
@@ -101,100 +103,58 @@ def _assert_close(got, want, tol):
                                rtol=tol, atol=tol, err_msg=f"d{name}")
 
 
-# (batch, length, heads, kv_heads, head_dim, causal, block_q, block_k)
-_SHAPES = [
-    (2, 100, 4, 2, 64, True, 32, 32),  # GQA, length not a block multiple
-    (1, 80, 3, 1, 64, False, 64, 32),  # MQA (odd group), non-causal, padded
-    (1, 96, 2, 2, 128, True, 32, 64),  # MHA, head_dim 128, block_q != block_k
+# (batch, length, heads, kv_heads, head_dim, causal, window, segments, block_q, block_k)
+_CASES = [
+    (2, 100, 4, 2, 64, True, 0, True, 32, 32),  # GQA, segments, length not a block multiple
+    (1, 80, 3, 1, 64, False, 0, False, 64, 32),  # MQA (odd group), non-causal, padded
+    (1, 96, 2, 2, 128, True, 17, True, 32, 64),  # MHA, head_dim 128, window, bq != bk
+    (1, 128, 4, 2, 64, False, 40, False, 32, 32),  # one-sided window without causality
 ]
 
 
-@pytest.mark.parametrize("shape", _SHAPES, ids=str)
-def test_matches_reference_f32(shape):
-  b, length, h, kh, d, causal, bq, bk = shape
+@pytest.mark.parametrize('case', _CASES, ids=str)
+def test_matches_reference_f32(case):
+  b, length, h, kh, d, causal, window, with_seg, bq, bk = case
   q, k, v, do = _inputs(0, b, length, length, h, kh, d, jnp.float32)
-  got, want = _run_both(q, k, v, do, causal=causal, block_q=bq, block_k=bk)
+  seg = _packed_segments(1, b, length) if with_seg else None
+  got, want = _run_both(q, k, v, do, seg, causal=causal, window=window, block_q=bq, block_k=bk)
   assert got[0].shape == q.shape and got[0].dtype == jnp.float32
   _assert_close(got, want, 1e-5)
 
 
 def test_matches_reference_bf16():
   q, k, v, do = _inputs(1, 2, 128, 128, 4, 2, 128, jnp.bfloat16)
-  got, want = _run_both(q, k, v, do, causal=True, block_q=32, block_k=64)
+  seg = _packed_segments(2, 2, 128)
+  got, want = _run_both(q, k, v, do, seg, causal=True, block_q=32, block_k=64)
   assert got[0].dtype == jnp.bfloat16
   assert all(g.dtype == jnp.bfloat16 for g in got[1])
   _assert_close(got, want, 2e-2)
 
 
-def test_segment_ids():
-  # Non-causal segments are covered by test_cross_lengths_with_segments.
-  q, k, v, do = _inputs(2, 2, 112, 112, 4, 2, 64, jnp.float32)
-  seg = _packed_segments(0, 2, 112)
-  got, want = _run_both(q, k, v, do, seg, causal=True, block_q=32,
-                        block_k=32)
-  _assert_close(got, want, 1e-5)
-
-
-def test_segment_ids_equal_separate_documents():
-  """A packed sequence gives the same result as each document on its own."""
-  q, k, v, _ = _inputs(3, 1, 96, 96, 2, 1, 64, jnp.float32)
-  seg = jnp.asarray([[0] * 40 + [1] * 56], jnp.int32)
-  kw = dict(causal=True, block_q=32, block_k=32, interpret=True)
-
-  @jax.jit
-  def run(q, k, v):
-    packed = flash_attention(q, k, v, seg, **kw)
-    first = flash_attention(q[:, :40], k[:, :40], v[:, :40], **kw)
-    second = flash_attention(q[:, 40:], k[:, 40:], v[:, 40:], **kw)
-    return packed, first, second
-
-  packed, first, second = run(q, k, v)
-  np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1),
-                             rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("causal,window,with_seg",
-                         [(True, 17, True), (False, 40, False)],
-                         ids=["causal-segments", "noncausal"])
-def test_sliding_window(causal, window, with_seg):
-  q, k, v, do = _inputs(4, 1, 128, 128, 4, 2, 64, jnp.float32)
-  seg = _packed_segments(1, 1, 128, max_docs=2) if with_seg else None
-  got, want = _run_both(q, k, v, do, seg, causal=causal, window=window,
-                        block_q=32, block_k=32)
-  _assert_close(got, want, 1e-5)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_fully_masked_rows_are_zero(causal):
-  """Queries whose segment has no visible key: output 0, zero/finite grads."""
-  length = 72
-  q, k, v, do = _inputs(5, 1, length, length, 2, 1, 64, jnp.float32)
+def test_fully_masked_rows_cross_lengths():
+  """(q, kv) segment ids with q_len != kv_len (non-causal); segment 1 of the queries has no key
+  at all: its rows are 0 with zero gradients."""
+  q, k, v, do = _inputs(5, 1, 72, 88, 2, 1, 64, jnp.float32)
   q_seg = jnp.asarray([[0] * 30 + [1] * 20 + [2] * 22], jnp.int32)
-  # Segment 1 never appears among the keys; segment 2 starts later in the keys
-  # than in the queries, so with causal=True its first queries see nothing.
-  kv_seg = jnp.asarray([[0] * 30 + [3] * 30 + [2] * 12], jnp.int32)
-  got, want = _run_both(q, k, v, do, (q_seg, kv_seg), causal=causal,
-                        block_q=32, block_k=32)
+  kv_seg = jnp.asarray([[0] * 30 + [3] * 30 + [2] * 28], jnp.int32)
+  got, want = _run_both(q, k, v, do, (q_seg, kv_seg), causal=False, block_q=32, block_k=32)
   _assert_close(got, want, 1e-5)
   out, (dq, _, _) = got
-  dead = np.array(q_seg[0] == 1)
-  if causal:
-    dead |= np.asarray((q_seg[0] == 2) & (jnp.arange(length) < 60))
+  dead = np.asarray(q_seg[0] == 1)
   assert np.all(np.asarray(out)[0, dead] == 0.0)
   assert np.all(np.asarray(dq)[0, dead] == 0.0)
 
 
-def test_cross_lengths_with_segments():
-  """Non-causal attention with q_len != kv_len and (q, kv) segment ids."""
-  q, k, v, do = _inputs(6, 2, 50, 70, 4, 2, 64, jnp.float32)
-  q_seg = _packed_segments(2, 2, 50, max_docs=3)
-  kv_seg = _packed_segments(3, 2, 70, max_docs=3)
-  got, want = _run_both(q, k, v, do, (q_seg, kv_seg), causal=False,
-                        block_q=32, block_k=32)
+def test_gpu_tiling_in_interpreter():
+  """The Triton kernels' tiling (whole K/V per program, in-kernel loops) gives the reference."""
+  q, k, v, do = _inputs(6, 1, 100, 100, 4, 2, 64, jnp.float32)
+  seg = _packed_segments(3, 1, 100, max_docs=3)
+  got, want = _run_both(q, k, v, do, seg, causal=True, window=40, block_q=32, block_k=32,
+                        gpu_tiling=True)
   _assert_close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("window", [0, 17])
+@pytest.mark.parametrize('window', [0, 17])
 def test_masked_tiles_are_skipped(window):
   """Tiles that are fully masked are never read: poison them with NaN."""
   q, k, v, _ = _inputs(7, 1, 128, 128, 2, 1, 64, jnp.float32)
@@ -212,30 +172,78 @@ def test_masked_tiles_are_skipped(window):
   np.testing.assert_allclose(out[:, rows], want[:, rows], rtol=1e-5, atol=1e-5)
 
 
-def test_default_blocks():
-  """Default block sizes (clipped to the padded length) and backward blocks."""
-  q, k, v, do = _inputs(8, 1, 200, 200, 2, 2, 64, jnp.float32)
-  got, want = _run_both(q, k, v, do, causal=True, block_q=128, block_k=128)
+def test_segment_tiles_are_skipped():
+  """A kv tile whose segment ids share nothing with a q tile's is never read."""
+  q, k, v, _ = _inputs(8, 1, 128, 128, 2, 1, 64, jnp.float32)
+  seg = jnp.asarray([[1] * 64 + [2] * 64], jnp.int32)  # queries 64..127 never need keys < 64
+  want = naive_attention(q, k, v, seg, seg, causal=False)
+  k, v = k.at[:, :64].set(jnp.nan), v.at[:, :64].set(jnp.nan)
+  out = jax.jit(lambda q, k, v: flash_attention(q, k, v, seg, causal=False, block_q=32,
+                                                block_k=32, interpret=True))(q, k, v)
+  np.testing.assert_allclose(out[:, 64:], want[:, 64:], rtol=1e-5, atol=1e-5)
+
+
+def test_block_api_merged_over_four_blocks_equals_one_call():
+  """Four kv blocks (offsets as traced values, merged with the online-softmax rule) give the
+  whole causal, windowed, segmented attention: values and gradients."""
+  q, k, v, do = _inputs(9, 1, 128, 128, 4, 2, 64, jnp.float32)
+  seg = _packed_segments(4, 1, 128, max_docs=3)
+  kw = dict(causal=True, sliding_window=70, block_q=32, block_k=32, block_q_bwd=32,
+            block_k_bwd=32, backend='interpret')
+  pieces = 4
+  size = 128 // pieces
+
+  def merged(q, k, v):
+    k_blocks = k.reshape(1, pieces, size, *k.shape[2:]).swapaxes(0, 1)
+    v_blocks = v.reshape(1, pieces, size, *v.shape[2:]).swapaxes(0, 1)
+    seg_blocks = seg.reshape(1, pieces, size).swapaxes(0, 1)
+
+    def step(carry, block):
+      o, lse = carry
+      index, k_b, v_b, seg_b = block
+      o_b, lse_b = flash_blocks.attention_block(q, k_b, v_b, (seg, seg_b), q_offset=0,
+                                                kv_offset=index * size, **kw)
+      return flash_blocks.merge(o, lse, o_b, lse_b), None
+
+    init = (jnp.zeros_like(q), jnp.full((1, 4, 128), -jnp.inf, jnp.float32))
+    (o, _), _ = jax.lax.scan(step, init, (jnp.arange(pieces), k_blocks, v_blocks, seg_blocks))
+    return o
+
+  def whole(q, k, v):
+    return naive_attention(q, k, v, seg, seg, causal=True, sliding_window=70)
+
+  def out_and_grads(fn, *args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(do)
+
+  got = jax.jit(lambda *a: out_and_grads(merged, *a))(q, k, v)
+  want = jax.jit(lambda *a: out_and_grads(whole, *a))(q, k, v)
   _assert_close(got, want, 1e-5)
 
 
-def test_tpu_layout(monkeypatch):
-  """The BHLD layout used on TPU gives the same results (run interpreted)."""
-  from lmjax.kernels import flash_attention as fa_module
-  monkeypatch.setattr(fa_module, "_FORCE_LAYOUT", "BHLD")
-  q, k, v, do = _inputs(10, 1, 100, 100, 4, 2, 64, jnp.float32)
-  seg = _packed_segments(4, 1, 100, max_docs=3)
-  got, want = _run_both(q, k, v, do, seg, causal=True, window=40,
-                        block_q=32, block_k=32)
-  _assert_close(got, want, 1e-5)
+def test_block_api_lse_and_empty_rows():
+  """lse is the row's log-sum-exp of the visible scaled scores; a kv block wholly in the future
+  of its queries gives o = 0 and lse = -inf."""
+  q, k, v, _ = _inputs(10, 1, 64, 64, 2, 2, 64, jnp.float32)
+  run = jax.jit(lambda q, k, v, off: flash_blocks.attention_block(
+      q, k, v, q_offset=0, kv_offset=off, causal=True, block_q=32, block_k=32,
+      backend='interpret'))
+  o, lse = run(q, k, v, 0)
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / 8.0
+  s = jnp.where(jnp.tril(jnp.ones((64, 64), bool)), s, -jnp.inf)
+  np.testing.assert_allclose(lse, jax.nn.logsumexp(s, axis=-1), rtol=1e-5, atol=1e-5)
+  o, lse = run(q, k, v, 64)
+  assert np.all(np.asarray(o) == 0.0) and np.all(np.asarray(lse) == -np.inf)
 
 
 def test_rejects_bad_arguments():
   q, k, v, _ = _inputs(9, 1, 64, 32, 4, 3, 64, jnp.float32)
-  with pytest.raises(ValueError):  # 4 heads vs 3 kv heads
+  with pytest.raises(ValueError, match='num_kv_heads'):
     flash_attention(q, k, v, causal=False, interpret=True)
   q, k, v, _ = _inputs(9, 1, 64, 32, 4, 2, 64, jnp.float32)
-  with pytest.raises(ValueError):  # causal needs q_len == kv_len
+  with pytest.raises(ValueError, match='q_len == kv_len'):
     flash_attention(q, k, v, causal=True, interpret=True)
-  with pytest.raises(ValueError):  # block must be a power of two
+  with pytest.raises(ValueError, match='block_q=48'):
     flash_attention(q, k, v, causal=False, block_q=48, interpret=True)
+  with pytest.raises(ValueError, match='block_k=64 must be a power of two >= 128 on backend tpu'):
+    flash_attention(q, k, v, causal=False, block_k=64, backend='tpu')

@@ -4,12 +4,22 @@ Masking is defined by segment ids and positions, never by padding tricks:
 a query attends a key when both carry the same segment id, the key's position is not after the
 query's (causal), and, with a sliding window, the key is less than `sliding_window` positions back.
 Segment id 0 marks padding (and empty KV-cache slots). A query with no visible key outputs zeros.
+
+`pallas` runs lmjax's flash kernels (`lmjax.kernels.flash_attention`) on the target's backend
+(Mosaic on TPU, Triton on GPU, the interpreter on CPU). Under a mesh the kernel runs inside
+`jax.shard_map`, manual over every mesh axis that is not manual already (pipeline stages run Blocks
+under their own `shard_map`): batch and heads are split as the logical-axis rules split
+'act_batch' and 'act_heads', everything else is whole on each device.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from lmjax.parallel import target
 
 IMPLEMENTATIONS = ('xla', 'pallas', 'cudnn')
 
@@ -70,9 +80,7 @@ def attention(q_BLHD, k_BSKD, v_BSKD, *, segment_ids_BL, positions_BL, kv_segmen
     raise ValueError(f'model.attention: unknown implementation {impl!r}')
   if kv_segment_ids_BS is None:
     if impl == 'pallas' and prefix_k_BPKD is None:
-      from lmjax.kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top
-      return flash_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal=causal,
-                             sliding_window=sliding_window)
+      return _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window)
     if impl == 'cudnn' and prefix_k_BPKD is None:
       return _cudnn_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window)
     kv_segment_ids_BS, kv_positions_BS = segment_ids_BL, positions_BL
@@ -88,11 +96,59 @@ def attention(q_BLHD, k_BSKD, v_BSKD, *, segment_ids_BL, positions_BL, kv_segmen
   return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS)
 
 
-def check_available(impl: str) -> None:
-  """Raises a clear error when `impl` cannot run on the current backend."""
-  backend = jax.default_backend()
-  if impl == 'cudnn' and backend != 'gpu':
-    raise ValueError(f'model.attention: cudnn needs a GPU; this backend is {backend}')
+def check_available(impl: str, mesh=None) -> None:
+  """Raises a clear one-line error when `impl` cannot run on the target devices (`mesh`, else the
+  mesh set by `jax.set_mesh`, else the host's backend)."""
+  platform = target.platform(mesh)
+  if impl == 'cudnn' and platform != 'gpu':
+    raise ValueError(f'model.attention: cudnn needs a GPU target; the target is {platform}')
+
+
+def _axes(entry) -> tuple:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _kernel_spec(logical, mesh, sizes: dict, dims: tuple) -> PartitionSpec:
+  """The rules' PartitionSpec of `logical`, keeping per dimension only the axes that are not
+  manual already, have more than one device and (together) divide the dimension."""
+  entries = []
+  for entry, dim in zip(nn.logical_to_mesh_axes(logical), dims):
+    axes, shards = [], 1
+    for axis in _axes(entry):
+      if axis in mesh.manual_axes or sizes.get(axis, 1) == 1 or dim % (shards * sizes[axis]):
+        continue
+      axes.append(axis)
+      shards *= sizes[axis]
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return PartitionSpec(*entries)
+
+
+def _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window):
+  """Flash attention on the target's backend, inside `shard_map` under a multi-device mesh."""
+  from lmjax.kernels import flash_attention as flash  # pylint: disable=g-import-not-at-top
+  backend = 'interpret' if target.platform() not in ('tpu', 'gpu') else target.platform()
+  kernel = lambda q, k, v, seg: flash.flash_attention(
+      q, k, v, seg, causal=causal, sliding_window=sliding_window, backend=backend)
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+  free = [axis for axis in sizes if axis not in mesh.manual_axes]
+  if not any(sizes[axis] > 1 for axis in free):
+    return kernel(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
+  batch, _, num_heads, _ = q_BLHD.shape
+  q_spec = _kernel_spec(('act_batch', None, 'act_heads', None), mesh, sizes, q_BLHD.shape)
+  head_axes = _axes(q_spec[2])
+  heads_split = 1
+  for axis in head_axes:
+    heads_split *= sizes[axis]
+  if k_BSKD.shape[2] % heads_split:  # kv heads do not split like the q heads: one per q head
+    group = num_heads // k_BSKD.shape[2]
+    k_BSKD, v_BSKD = (jnp.repeat(x, group, axis=2) for x in (k_BSKD, v_BSKD))
+  kv_spec = PartitionSpec(q_spec[0], None, q_spec[2], None)
+  seg_spec = PartitionSpec(q_spec[0], None)
+  del batch
+  return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                       axis_names=set(free), check_vma=False)(q_BLHD, k_BSKD, v_BSKD,
+                                                             segment_ids_BL)
 
 
 def _cudnn_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window):
