@@ -21,6 +21,7 @@ COMMANDS = {
     'scaling': ('lmjax.commands.scaling', 'scaling laws: FLOP accounting, IsoFLOP design, fits'),
     'sweep': ('lmjax.commands.sweep', 'run or resume a sweep of training runs'),
     'peft': ('lmjax.commands.peft', 'merge adapters into a params export, or save them alone'),
+    'compile': ('lmjax.commands.compile', 'compile a run for a TPU slice here; say if it fits'),
 }
 
 

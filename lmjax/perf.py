@@ -1,8 +1,11 @@
-"""Peak FLOP/s per device, for MFU.
+"""Peak FLOP/s per device, for MFU, and where the figure came from.
 
-Accelerators: the vendor's dense peak for the compute dtype. CPU: measured once (a jitted float32
-matmul at the size where XLA reaches its best) and cached per machine under the lmjax cache dir;
-measure on an idle machine, or set LMJAX_PEAK_FLOPS to override.
+The device is the target's (the mesh's, see `lmjax.parallel.target`), not the host's backend.
+Accelerators: the vendor's dense bfloat16 peak for the device kind. CPU: measured (a jitted
+float32 matmul chain at the size where XLA reaches its best) and cached per machine under the
+lmjax cache dir. A measurement taken while other work runs comes out low, so the cache keeps the
+best figure ever measured and a new measurement never lowers it; set LMJAX_REMEASURE_PEAK=1 to
+measure again (on an idle machine), or LMJAX_PEAK_FLOPS to override.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lmjax.parallel import target
 from lmjax.paths import cache_dir
 
 # device_kind substring -> dense peak FLOP/s per device (bfloat16)
@@ -25,20 +29,25 @@ _ACCELERATOR_PEAKS = (
 )
 
 
-def peak_flops_per_device() -> float:
+def peak_flops(mesh=None) -> tuple[float, str]:
+  """(peak FLOP/s of one device of `mesh` (default: the current mesh, else this host), where the
+  figure came from)."""
   if os.environ.get('LMJAX_PEAK_FLOPS'):
-    return float(os.environ['LMJAX_PEAK_FLOPS'])
-  device = jax.devices()[0]
-  if device.platform != 'cpu':
-    kind = device.device_kind.lower()
+    return float(os.environ['LMJAX_PEAK_FLOPS']), 'LMJAX_PEAK_FLOPS'
+  if target.platform(mesh) != 'cpu':
+    kind = target.device_kind(mesh)
     for key, peak in _ACCELERATOR_PEAKS:
-      if key in kind:
-        return peak
-    return float('nan')
+      if key in kind.lower():
+        return peak, f'{kind}: dense bfloat16 peak (spec sheet)'
+    return float('nan'), f'{kind}: unknown peak'
   return _measured_cpu_peak()
 
 
-def _measured_cpu_peak() -> float:
+def peak_flops_per_device(mesh=None) -> float:
+  return peak_flops(mesh)[0]
+
+
+def _measured_cpu_peak() -> tuple[float, str]:
   key = f'{platform.node()}-{platform.processor() or platform.machine()}-{os.cpu_count()}'
   path = cache_dir('peak_flops.json')
   try:
@@ -46,14 +55,14 @@ def _measured_cpu_peak() -> float:
       cached = json.load(f)
   except (OSError, ValueError):
     cached = {}
-  if key not in cached:
-    cached[key] = measure_matmul_flops()
+  if key not in cached or os.environ.get('LMJAX_REMEASURE_PEAK'):
+    cached[key] = max(measure_matmul_flops(), cached.get(key, 0.0))  # never lowered by load
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       json.dump(cached, f)
     os.replace(tmp, path)
-  return cached[key]
+  return cached[key], f'CPU float32 matmul, best measured on this machine (cache {path})'
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 8) -> float:

@@ -39,6 +39,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lmjax.config import base_config
 from lmjax.models import attention as attention_lib
 from lmjax.models.layers import MLP, RMSNorm, constrain, param_with_axes, rope
+from lmjax.parallel import target
 
 _REMAT_POLICIES = {
     'full': None,
@@ -93,8 +94,10 @@ class ModelConfig:
 
 
 def resolve_dtype(name: str):
+  """`auto`: bfloat16 on accelerators, float32 on CPU, for the target devices (the mesh set by
+  `jax.set_mesh`, else this host's)."""
   if name == 'auto':
-    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+    return jnp.float32 if target.platform() == 'cpu' else jnp.bfloat16
   return jnp.dtype(name).type
 
 

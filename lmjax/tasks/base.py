@@ -5,6 +5,8 @@ A task is a frozen (hashable) description built once from the config (`lmjax.tas
   setup        bind(tokenizer)           the task with what it needs from the tokenizer
   data         make_iterator(...)        checkpointable host batches (`get_state`/`set_state`)
                make_eval_batches(...)    held-out batches (may be empty)
+               batch_spec(config)        {key: ShapeDtypeStruct} of one step's global batch, for
+                                         compiling without data (`lmjax compile`)
   params       init_params(model, rng)   the state's params tree around freshly initialised (boxed)
                                          base params; split(params) -> (trainable, frozen) and
                                          join(trainable, frozen): only `trainable` is differentiated
@@ -19,6 +21,7 @@ A task is a frozen (hashable) description built once from the config (`lmjax.tas
   experience   phases, experience(phase, state, aux, batch) -> (batch, stats, task_state): jitted
                                          programs the loop runs before each update (PPO: rollout,
                                          score); aux = load_auxiliary(mesh, rules) (PPO: the reward model)
+                                         whose shapes auxiliary_spec(mesh, rules) gives
                updates = (epochs, minibatches): optimizer updates per step over the batch
   accounting   step_tokens(batch) -> (trained, forward_only) tokens per step, for MFU
 """
@@ -30,12 +33,21 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 from lmjax.config import frozen
 from lmjax.models.transformer import ModelConfig, init_params
 from lmjax.optim import make_optimizer
 from lmjax.peft import lora
+
+
+def token_rows_spec(rows: int, length: int, prefix: str = '') -> dict:
+  """The spec of packed token rows (what the pretraining and SFT iterators yield), keys prefixed."""
+  dtypes = {'inputs': jnp.int32, 'targets': jnp.int32, 'segment_ids': jnp.int32,
+            'positions': jnp.int32, 'weights': jnp.float32}
+  return {f'{prefix}{key}': jax.ShapeDtypeStruct((rows, length), dtype)
+          for key, dtype in dtypes.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +78,9 @@ class Task:
                         process_count: int = 1) -> list:
     del config, tokenizer, process_index, process_count
     return []
+
+  def batch_spec(self, config) -> dict:
+    return token_rows_spec(config.batch_size, config.seq_len)
 
   # --- params ---------------------------------------------------------------------------------
   def init_params(self, model_params, rng):
@@ -121,6 +136,11 @@ class Task:
 
   def load_auxiliary(self, mesh, rules):
     """Read-only inputs of the experience phases, laid out on `mesh` (PPO: the reward model)."""
+    del mesh, rules
+    return None
+
+  def auxiliary_spec(self, mesh, rules):
+    """`load_auxiliary`'s result as ShapeDtypeStructs (for compiling without the files)."""
     del mesh, rules
     return None
 

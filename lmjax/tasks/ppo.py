@@ -201,6 +201,17 @@ class PpoTask(FineTuneTask):
   def init_task_state(self):
     return {'kl_coef': jnp.asarray(self.post.kl_coef, jnp.float32)}
 
+  def batch_spec(self, config):
+    """Prompt rows as wide as the row length leaves room for: seq_len - max_new_tokens (the
+    iterator's width is the file's longest prompt, rounded up to 8)."""
+    shape = (config.post.rollout_batch, config.seq_len - self.post.max_new_tokens)
+    return {key: jax.ShapeDtypeStruct(shape, jnp.int32)
+            for key in ('prompt_tokens', 'prompt_positions', 'prompt_segment_ids')}
+
+  def auxiliary_spec(self, mesh, rules):
+    """`load_auxiliary`'s shapes and layout, without reading the reward model's workdir."""
+    return None if self.reward is None else self.reward.abstract_params(mesh, rules)
+
   def load_auxiliary(self, mesh, rules):
     """The reward model's params, restored straight into the mesh layout of its rules."""
     if self.reward is None:

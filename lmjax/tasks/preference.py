@@ -20,6 +20,7 @@ from lmjax import losses
 from lmjax.data import preference as preference_data
 from lmjax.models.transformer import forward, forward_hidden
 from lmjax.tasks import params as params_lib
+from lmjax.tasks.base import token_rows_spec
 from lmjax.tasks.finetune import FineTuneTask, sequence_sums
 
 _ROW_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -130,6 +131,11 @@ class RewardTask(FineTuneTask):
   def make_iterator(self, config, tokenizer, process_index=0, process_count=1):
     return preference_data.make_preference_iterator(config, tokenizer, process_index,
                                                     process_count)
+
+  def batch_spec(self, config):
+    """Pairs (unpaired KTO files yield other keys; their spec is not modelled here)."""
+    return {**token_rows_spec(config.batch_size, config.seq_len, 'chosen_'),
+            **token_rows_spec(config.batch_size, config.seq_len, 'rejected_')}
 
   def sums(self, params, batch, rng):
     return reward_sums(self, params, batch, rng)

@@ -28,7 +28,7 @@ from lmjax.models import attention as attention_lib
 from lmjax.parallel import distributed as distributed_lib
 from lmjax.parallel import mesh as mesh_lib
 from lmjax.parallel.pipeline import bubble_fraction
-from lmjax.perf import peak_flops_per_device
+from lmjax.perf import peak_flops
 from lmjax.scaling.flops import flops_per_token
 from lmjax.train import step as step_lib
 from lmjax.train.metrics import MetricsWriter, PhaseClock, throughput
@@ -132,7 +132,8 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
   batch_sharding = mesh_lib.batch_sharding(mesh)
   start_step = int(jax.device_get(state.step))
   model_flops = flops_per_token(config.model, config.seq_len)['total']  # forward + backward
-  peak = peak_flops_per_device() * jax.device_count()
+  peak_per_device, peak_source = peak_flops(mesh)
+  peak = peak_per_device * mesh.size
   stages = task.pipeline[0]
   extra = {'pipeline_bubble': bubble_fraction(stages, task.pipeline[1])} if stages > 1 else {}
   writer = MetricsWriter(workdir, config.steps, start_step, enabled=is_lead,
@@ -211,6 +212,7 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
       'eval_perplexity': last_eval.get('perplexity'),
       'tokens': step * step_tokens[0] if step_tokens else previous.get('tokens'),
       'skipped_steps': last_train.get('skipped'), 'wall_seconds': time.time() - start_time,
+      'mfu_peak_flops_per_device': peak_per_device, 'mfu_peak_source': peak_source,
       **({key: last_train.get(key) for key in ('score', 'kl')} if task.phases else {}),
       **(phase_clock.summary() if phase_clock is not None else {}),
   }

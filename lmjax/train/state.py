@@ -102,19 +102,32 @@ def abstract_state(task: Task, tx, seed: int = 0) -> TrainState:
     return jax.eval_shape(lambda: init_state(task, tx, seed))
 
 
-def build_state(task: Task, tx, seed: int, mesh, rules):
-  """(compiled create(), abstract state with shardings). Nothing is allocated until `create()`
-  runs, and then directly sharded. `rules` = (params rules, optimizer-state rules)."""
-  boxed = abstract_state(task, tx, seed)
-  shardings = state_shardings(task, boxed, mesh, *rules)
-
+def _creator(task: Task, tx, seed: int, shardings):
   def create():
     with nn.logical_axis_rules(()):
       state = init_state(task, tx, seed)
     params = jax.lax.with_sharding_constraint(nn.unbox(state.params), shardings.params)
     return state.replace(params=params, opt_state=tx.init(task.split(params)[0]))
+  return create
 
-  compiled = jax.jit(create, out_shardings=shardings).lower().compile()
+
+def state_layout(task: Task, tx, seed: int, mesh, rules) -> TrainState:
+  """The plain (unboxed) state as ShapeDtypeStructs with their NamedShardings on `mesh`: what
+  `build_state` creates, and what `lmjax compile` compiles the step for. Only traces.
+  `rules` = (params rules, optimizer-state rules)."""
+  boxed = abstract_state(task, tx, seed)
+  shardings = state_shardings(task, boxed, mesh, *rules)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      jax.eval_shape(_creator(task, tx, seed, shardings)), shardings)
+
+
+def build_state(task: Task, tx, seed: int, mesh, rules):
+  """(compiled create(), abstract state with shardings). Nothing is allocated until `create()`
+  runs, and then directly sharded. `rules` = (params rules, optimizer-state rules)."""
+  boxed = abstract_state(task, tx, seed)
+  shardings = state_shardings(task, boxed, mesh, *rules)
+  compiled = jax.jit(_creator(task, tx, seed, shardings), out_shardings=shardings).lower().compile()
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          jax.eval_shape(create), compiled.output_shardings)
+                          jax.eval_shape(_creator(task, tx, seed, shardings)),
+                          compiled.output_shardings)
   return compiled, abstract
