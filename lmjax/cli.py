@@ -64,11 +64,31 @@ def main(argv: list[str] | None = None) -> int:
   args.overrides = overrides
   module = importlib.import_module(args.module)
   from lmjax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from lmjax.data.jsonl import DataError  # pylint: disable=g-import-not-at-top
   try:
     return module.run(args) or 0
   except ConfigError as e:
-    print(f'lmjax {args.command}: config error: {e}', file=sys.stderr)
-    return 2
+    return _fail(args.command, 'config error', e)
+  except DataError as e:
+    return _fail(args.command, 'data error', e)
+  except ModuleNotFoundError as e:
+    extra = OPTIONAL_MODULES.get((e.name or '').split('.')[0])
+    if extra is None:
+      raise
+    return _fail(args.command, 'missing optional dependency',
+                 f'{e.name}: pip install -e ".[{extra}]"')
+
+
+# optional packages -> the extra (setup.cfg) that installs them
+OPTIONAL_MODULES = {'safetensors': 'hf', 'tokenizers': 'hf', 'transformers': 'hf', 'torch': 'hf',
+                    'pyarrow': 'data', 'datasets': 'data', 'zstandard': 'data', 'lm_eval': 'eval'}
+
+
+def _fail(command: str, kind: str, error) -> int:
+  """One line on stderr, exit status 2: a user mistake, not a crash."""
+  message = ' '.join(str(error).split('\n')[:1]) or type(error).__name__
+  print(f'lmjax {command}: {kind}: {message}', file=sys.stderr)
+  return 2
 
 
 if __name__ == '__main__':

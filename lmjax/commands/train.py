@@ -15,7 +15,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
   config = config_from_args(args)
   from lmjax.train.loop import train  # pylint: disable=g-import-not-at-top
-  summary = train(config, args.workdir)
+  explicit = {o.split('=', 1)[0] for o in args.overrides}  # may differ from an init_from base
+  summary = train(config, args.workdir, explicit=explicit)
   if not summary['finished']:
     print(f'stopped at step {summary["step"]}; checkpoint saved, re-run the command to resume')
     return 0

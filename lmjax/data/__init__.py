@@ -9,10 +9,12 @@ positions (int32) and weights (float32). See `packing` for the exact layout.
 """
 
 from lmjax.data.pipeline import TrainIterator, make_eval_batches, make_train_iterator
+from lmjax.data.report import report_data
 from lmjax.data.sources import DataError, DocRef, Source, load_sources, skipped_count
 from lmjax.data.tokenizer import Tokenizer, load_or_train_tokenizer, load_tokenizer
 
 __all__ = [
     'DataError', 'DocRef', 'Source', 'TrainIterator', 'Tokenizer', 'load_or_train_tokenizer',
-    'load_sources', 'load_tokenizer', 'make_eval_batches', 'make_train_iterator', 'skipped_count',
+    'load_sources', 'load_tokenizer', 'make_eval_batches', 'make_train_iterator', 'report_data',
+    'skipped_count',
 ]

@@ -1,16 +1,17 @@
-"""Supervised fine-tuning data: JSONL prompt/response or chat `messages`, loss on responses only.
+"""Supervised fine-tuning data: prompt/response, chat `messages` or plain text, loss on responses.
 
-Each JSONL line is either
-  {"prompt": "...", "response": "..."}          ("completion" is accepted for "response"), or
-  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+Records are read by `lmjax.data.records` and encoded by `lmjax.data.examples` (the shapes accepted,
+field mapping, chat templates, truncation and its report):
+  {"prompt": "...", "response": "..."}          ("completion" is accepted for "response"),
+  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}, or
+  {"text": "..."}                                (every token trained on)
 An example becomes `[bos] prompt response [eos]` with a per-token loss mask that is 1 only on
-response (assistant) tokens and the eos closing them. Chat turns are rendered as
-`<|role|>\\n content \\n`; every assistant turn is trained on.
+response (assistant) tokens and the eos closing them; every assistant turn is trained on.
 
 Batches have the pretraining layout (inputs, targets, segment_ids, positions, weights). With
 packing several examples share a row, each its own segment (positions restart at 0, attention
-never crosses segments) and an example is never split across rows; an example longer than a row
-is truncated. The iterator is infinite (reshuffled each epoch) and checkpointable.
+never crosses segments) and an example is never split across rows. The iterator is infinite
+(reshuffled each epoch) and checkpointable.
 """
 
 from __future__ import annotations
@@ -19,49 +20,41 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lmjax.data import examples as examples_lib
 from lmjax.data import packing
-from lmjax.data.jsonl import read_jsonl
-from lmjax.data.sources import DataError
+from lmjax.data.jsonl import DataError  # noqa: F401  (re-exported)
+from lmjax.data.records import read_records
 
 
 def read_train_file(path: str, encode: Callable | None = None) -> list:
-  """The records of `post.train_file` (see `jsonl.read_jsonl`), each passed through `encode`; a
-  missing path or a file without records is an error naming post.train_file."""
-  return read_jsonl(path, encode=encode, what='post.train_file')
+  """The records of `post.train_file` (any format `lmjax.data.records` reads), each passed through
+  `encode`; a DataError it raises is reported at the record's place."""
+  out = []
+  for where, record in read_records(path, 'post.train_file'):
+    try:
+      out.append(encode(record) if encode is not None else record)
+    except DataError as e:
+      raise DataError(f'{where}: {e}') from None
+  return out
+
+
+def _tokens_mask(example) -> tuple[list[int], list[int]]:
+  prompt, ((response, mask),) = example
+  return prompt + response, [0] * len(prompt) + list(mask)
 
 
 def encode_prompt_response(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
   """([bos] prompt response [eos], mask) with mask 1 on the response and eos."""
-  p = [tok.bos_id] + tok.encode(prompt)
-  r = tok.encode(response) + [tok.eos_id]
-  return p + r, [0] * len(p) + [1] * len(r)
+  return _tokens_mask(examples_lib.Encoder(tok).sft({'prompt': prompt, 'response': response}))
 
 
 def encode_messages(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-  tokens, mask = [tok.bos_id], [0]
-  for message in messages:
-    role, content = message['role'], message['content']
-    header = tok.encode(f'<|{role}|>\n')
-    tokens += header
-    mask += [0] * len(header)
-    if role == 'assistant':
-      body = tok.encode(content) + [tok.eos_id]
-      tokens += body
-      mask += [1] * len(body)
-    else:
-      body = tok.encode(content + '\n')
-      tokens += body
-      mask += [0] * len(body)
-  return tokens, mask
+  """lmjax's chat template of `messages`, mask 1 on the assistant replies."""
+  return _tokens_mask(examples_lib.Encoder(tok).sft({'messages': messages}))
 
 
 def encode_sft(tok, record: dict) -> tuple[list[int], list[int]]:
-  if 'messages' in record:
-    return encode_messages(tok, record['messages'])
-  response = record.get('response', record.get('completion'))
-  if 'prompt' not in record or response is None:
-    raise DataError(f'SFT record needs prompt/response or messages: {sorted(record)}')
-  return encode_prompt_response(tok, record['prompt'], response)
+  return _tokens_mask(examples_lib.Encoder(tok).sft(record))
 
 
 def rows_to_batch(tokens, segment_ids, positions, mask) -> dict[str, np.ndarray]:
@@ -70,6 +63,19 @@ def rows_to_batch(tokens, segment_ids, positions, mask) -> dict[str, np.ndarray]
   batch = packing.shift_rows(tokens, segment_ids, positions)
   batch['weights'] *= (mask[:, 1:] > 0)
   return batch
+
+
+def pad_rows(rows_in, row_len: int) -> dict[str, np.ndarray]:
+  """One (tokens, mask) example per row, right-padded (segment 0), truncated to `row_len`."""
+  rows = len(rows_in)
+  tokens, segments, positions, mask = (np.zeros((rows, row_len), np.int32) for _ in range(4))
+  for row, (ex_tokens, ex_mask) in enumerate(rows_in):
+    n = min(len(ex_tokens), row_len)
+    tokens[row, :n] = ex_tokens[:n]
+    mask[row, :n] = ex_mask[:n]
+    segments[row, :n] = 1
+    positions[row, :n] = np.arange(n)
+  return rows_to_batch(tokens, segments, positions, mask)
 
 
 def pack_examples(examples, start: int, rows: int, row_len: int, pack: bool):
@@ -140,10 +146,35 @@ class EpochIterator:
     pass
 
 
+def load(config, tok) -> dict:
+  """The encoded train / held-out examples (`examples.load_examples`) as (tokens, mask)."""
+  encoder = examples_lib.make_encoder(config, tok)
+  encode = encoder.sft
+  data = examples_lib.load_examples(config, tok, encode)
+  return dict(data, train=[_tokens_mask(e) for e in data['train']],
+              eval=[_tokens_mask(e) for e in data['eval']])
+
+
 def make_sft_iterator(config, tok, process_index: int = 0, process_count: int = 1):
-  examples = read_train_file(config.post.train_file, lambda r: encode_sft(tok, r))
+  data = load(config, tok)
   row_len = config.seq_len + 1
   pack = config.post.pack
   make_rows = lambda example_at, start, rows: pack_examples(example_at, start, rows, row_len, pack)
-  return EpochIterator(examples, make_rows, config.batch_size, config.seed, process_index,
-                       process_count)
+  iterator = EpochIterator(data['train'], make_rows, config.batch_size, config.seed,
+                           process_index, process_count)
+  iterator.report = data['train_report']
+  return iterator
+
+
+def make_eval_batches(config, tok, process_index: int = 0, process_count: int = 1) -> list:
+  """Held-out batches, one example per row (right-padded, padding rows weigh nothing), at most
+  `eval_batches` batches of `batch_size` rows."""
+  held = load(config, tok)['eval']
+  rows = config.batch_size
+  mine = slice(process_index * rows // process_count, (process_index + 1) * rows // process_count)
+  batches = []
+  for start in range(0, min(len(held), rows * config.eval_batches), rows):
+    chunk = held[start:start + rows]
+    chunk = chunk + [([], [])] * (rows - len(chunk))
+    batches.append({k: v[mine] for k, v in pad_rows(chunk, config.seq_len + 1).items()})
+  return batches

@@ -17,7 +17,10 @@ A task is a frozen (hashable) description built once from the config (`lmjax.tas
   loss         loss_sums(trainable, frozen, batch, rng) -> sums: 'loss' (differentiated), 'nll'
                                          (reported), 'z', 'weight' (the denominator), plus metric
                                          sums; the step divides everything by 'weight' once
-               eval_sums(params, batch)  {'nll', 'weight'} on a held-out batch
+               eval_sums(params, batch)  sums on a held-out batch ({'nll', 'weight'} at least)
+               eval_metrics(totals)      held-out metrics from eval_sums summed over the batches
+                                         (token tasks: loss, perplexity, tokens; preference tasks:
+                                         loss, accuracy, margin, rewards, log-probs, pairs)
   experience   phases, experience(phase, state, aux, batch) -> (batch, stats, task_state): jitted
                                          programs the loop runs before each update (PPO: rollout,
                                          score); aux = load_auxiliary(mesh, rules) (PPO: the reward model)
@@ -125,6 +128,19 @@ class Task:
   def eval_sums(self, params, batch) -> dict:
     sums = self.loss_sums(*self.split(params), batch, None)
     return {'nll': sums['nll'], 'weight': sums['weight']}
+
+  def eval_metrics(self, totals: dict) -> dict:
+    """Token-weighted mean loss, perplexity = exp(loss) and the token count."""
+    loss = totals['nll'] / max(totals['weight'], 1.0)
+    return {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': totals['weight']}
+
+  def evaluate(self, eval_fn, params, batches, to_device=lambda batch: batch) -> dict:
+    """`eval_metrics` of the `eval_fn(params, batch)` sums added over `batches`."""
+    totals = {}
+    for batch in batches:
+      for key, value in jax.device_get(eval_fn(params, to_device(batch))).items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    return self.eval_metrics(totals)
 
   # --- experience (work before the update) ----------------------------------------------------
   @property

@@ -9,6 +9,9 @@ Each loss is a mean over pairs (or examples), returned as sums with weight = pai
           desirable and rejected rows as undesirable; on an unpaired file (`desirable` in the
           batch) its reference point z0 is the batch mean of policy - reference log-prob on the
           mismatched `kl_` rows
+Held out (`eval_metrics`): the loss, pair accuracy and mean margin of the rewards (reward model:
+its scores; DPO family: the implicit rewards beta x (policy - reference) log-prob), the chosen and
+rejected rewards and (DPO family) the chosen and rejected log-probs, averaged over held-out pairs.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ def kto_unpaired_sums(task, params, batch, rng=None):
     ref_logps_B = jax.lax.stop_gradient(rows_log_probs(task, ref, rows))
   loss, metrics = losses.kto_loss(logps_B, ref_logps_B, batch['desirable'], kl_ref, post.beta,
                                   post.kto_desirable_weight, post.kto_undesirable_weight)
+  metrics['chosen_logps'] = losses.masked_mean(logps_B, batch['desirable'])
+  metrics['rejected_logps'] = losses.masked_mean(logps_B, 1.0 - batch['desirable'])
   return sequence_sums(loss, metrics, n)
 
 
@@ -97,17 +102,22 @@ def preference_sums(task, params, batch, rng=None):
   rows = _pair_rows(batch)
   logits = _run(task, params_lib.model_params(task, params, rng), rows,
                 params_lib.peft_leaves(task, params))
+  logps = losses.sequence_log_probs(logits, rows['targets'], rows['weights'])
+  logp_metrics = {'chosen_logps': jax.lax.stop_gradient(jnp.mean(logps[:n])),
+                  'rejected_logps': jax.lax.stop_gradient(jnp.mean(logps[n:]))}
   if post.loss_type == 'orpo':
     avg = losses.sequence_log_probs(logits, rows['targets'], rows['weights'], average=True)
     loss, metrics = losses.orpo_loss(avg[:n], avg[n:], -avg[:n], post.beta)
-    return sequence_sums(loss, metrics, n)
-  logps = losses.sequence_log_probs(logits, rows['targets'], rows['weights'])
+    return sequence_sums(loss, {**metrics, **logp_metrics}, n)
   ref_logps = jax.lax.stop_gradient(
       rows_log_probs(task, params_lib.reference_params(task, params), rows))
   if post.loss_type == 'kto':
     desirable = jnp.concatenate([jnp.ones((n,)), jnp.zeros((n,))])
     loss, metrics = losses.kto_loss(logps, ref_logps, desirable, None, post.beta,
                                     post.kto_desirable_weight, post.kto_undesirable_weight)
+    rewards = jax.lax.stop_gradient(post.beta * (logps - ref_logps))
+    metrics['margin'] = jnp.mean(rewards[:n] - rewards[n:])
+    metrics['accuracy'] = jnp.mean((rewards[:n] > rewards[n:]).astype(jnp.float32))
   else:
     loss, metrics = losses.dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
                                     post.beta, post.loss_type, post.label_smoothing)
@@ -115,7 +125,7 @@ def preference_sums(task, params, batch, rng=None):
       tokens_B = jnp.maximum(jnp.sum(rows['weights'][:n], axis=-1), 1.0)
       metrics['chosen_nll'] = jnp.mean(-logps[:n] / tokens_B)
       loss = loss + post.chosen_nll_coef * metrics['chosen_nll']
-  return sequence_sums(loss, metrics, n)
+  return sequence_sums(loss, {**metrics, **logp_metrics}, n)
 
 
 def _pair_tokens(batch) -> int:
@@ -131,6 +141,21 @@ class RewardTask(FineTuneTask):
   def make_iterator(self, config, tokenizer, process_index=0, process_count=1):
     return preference_data.make_preference_iterator(config, tokenizer, process_index,
                                                     process_count)
+
+  def make_eval_batches(self, config, tokenizer, process_index=0, process_count=1):
+    return preference_data.make_eval_batches(config, tokenizer, process_index, process_count)
+
+  def eval_sums(self, params, batch):
+    """Every sum of the loss (its metrics included) on a held-out batch."""
+    return self.loss_sums(*self.split(params), batch, None)
+
+  def eval_metrics(self, totals):
+    """Means over the held-out pairs (or KTO rows): loss, accuracy, margin, rewards and
+    log-probs; `pairs` counts them."""
+    weight = max(totals['weight'], 1.0)
+    out = {k: v / weight for k, v in totals.items() if k not in ('weight', 'z', 'nll')}
+    out['pairs'] = totals['weight']
+    return out
 
   def batch_spec(self, config):
     """Pairs (unpaired KTO files yield other keys; their spec is not modelled here)."""

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: token-weighted cross-entropy on the response tokens (`lmjax.data.sft`)."""
+"""Supervised fine-tuning: token-weighted cross-entropy on the response tokens (`lmjax.data.sft`);
+held out: the same loss and its perplexity on post.eval_file or a held-out share of train_file."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ class SftTask(FineTuneTask):
 
   def make_iterator(self, config, tokenizer, process_index=0, process_count=1):
     return sft_data.make_sft_iterator(config, tokenizer, process_index, process_count)
+
+  def make_eval_batches(self, config, tokenizer, process_index=0, process_count=1):
+    return sft_data.make_eval_batches(config, tokenizer, process_index, process_count)
 
   def sums(self, params, batch, rng):
     model, peft = self.model_inputs(params, rng)

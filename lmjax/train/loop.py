@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import signal
 import time
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,6 @@ from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import tasks as tasks_lib
 from lmjax import workdir as workdir_lib
-from lmjax.evaluation import held_out_loss
 from lmjax.models import attention as attention_lib
 from lmjax.parallel import distributed as distributed_lib
 from lmjax.parallel import mesh as mesh_lib
@@ -85,15 +84,38 @@ def global_batch(batch: dict, sharding) -> dict:
           for k, v in batch.items()}
 
 
+# model keys that do not change what the model computes: an init_from base may differ in them
+_FREE_MODEL_KEYS = ('attention', 'scan_layers', 'remat', 'dtype', 'param_dtype', 'init_std',
+                    'max_seq_len', 'logits_chunk')
+
+
+def check_init_from(config, explicit: Collection[str] = ()) -> None:
+  """An init_from base must have this run's architecture: each model key that differs is named,
+  unless it was given explicitly (`explicit`: the command line's --config keys)."""
+  base = workdir_lib.read_config(config.init_from) if config.init_from else None
+  if base is None:
+    return
+  ours, theirs = config.model.to_dict(), base.model.to_dict()
+  differ = [k for k in sorted(set(ours) | set(theirs)) if k not in _FREE_MODEL_KEYS
+            and ours.get(k) != theirs.get(k) and f'model.{k}' not in explicit]
+  if differ:
+    raise config_lib.ConfigError(
+        f'init_from: {config.init_from} was trained with ' + ', '.join(
+            f'model.{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})' for k in differ)
+        + '; set them to match, or pass them on the command line to override')
+
+
 def train(config, workdir: str, hooks: Sequence[Callable] = (),
-          clock: Callable[[], float] = time.perf_counter) -> dict:
-  """Trains (or resumes) per `config` in `workdir`; returns the run summary."""
+          clock: Callable[[], float] = time.perf_counter, explicit: Collection[str] = ()) -> dict:
+  """Trains (or resumes) per `config` in `workdir`; returns the run summary. `explicit`: config
+  keys the user gave on the command line (they may differ from an init_from base's)."""
   start_time = time.time()
   distributed_lib.initialize(config)  # multi-host: before anything touches the devices
   mesh_lib.validate(config, jax.device_count())
   attention_lib.check_available(config.model.attention)
   is_lead = jax.process_index() == 0
   workdir_lib.check_resume_compatible(config, workdir)
+  check_init_from(config, explicit)
   if is_lead:
     workdir_lib.write_config(workdir, config)
 
@@ -102,6 +124,7 @@ def train(config, workdir: str, hooks: Sequence[Callable] = (),
   process = (jax.process_index(), jax.process_count())
   train_iter = task.make_iterator(config, tokenizer, *process)
   eval_batches = task.make_eval_batches(config, tokenizer, *process)
+  data_report = data_lib.report_data(config, train_iter, eval_batches, is_lead)
   mesh = mesh_lib.make_mesh(config)
   rules = mesh_lib.rules(config)
   tx, schedule = task.optimizer(config)
@@ -121,13 +144,13 @@ def train(config, workdir: str, hooks: Sequence[Callable] = (),
     aux = task.load_auxiliary(mesh, rules[0])
     programs = jit_programs(task, tx, schedule, mesh, abstract_state)
     summary = _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, programs,
-                        checkpointer, mesh, is_lead, start_time, hooks, clock)
+                        checkpointer, mesh, is_lead, start_time, hooks, clock, data_report)
   checkpointer.close()
   return summary
 
 
 def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, programs,
-              checkpointer, mesh, is_lead, start_time, hooks, clock):
+              checkpointer, mesh, is_lead, start_time, hooks, clock, data_report):
   phases, train_fn, eval_fn = programs
   batch_sharding = mesh_lib.batch_sharding(mesh)
   start_step = int(jax.device_get(state.step))
@@ -139,6 +162,8 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
   writer = MetricsWriter(workdir, config.steps, start_step, enabled=is_lead,
                          progress_bar=config.progress_bar)
   phase_clock = PhaseClock(task.phases, clock) if task.phases else None
+  if data_report:
+    writer.write(start_step, 'data', data_report)
   pending = None  # (step, device metrics) of the last dispatched step
   last_train, last_eval = {}, {}
   step_tokens = None  # (trained, forward-only) tokens per step, from the first batch's shape
@@ -186,7 +211,7 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
       pending = (step, {**device_metrics, **stats}, host_metrics)
       writer.advance()
       if step % config.eval_every == 0 and step < config.steps and eval_batches:
-        last_eval = held_out_loss(eval_fn, state.params, eval_batches, to_device)
+        last_eval = task.evaluate(eval_fn, state.params, eval_batches, to_device)
         writer.write(step, 'eval', last_eval)
       if step % config.checkpoint_every == 0 or stop.stop:
         checkpointer.save(step, state, train_iter.get_state(), force=True)
@@ -197,7 +222,7 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
 
   finished = step >= config.steps
   if finished and eval_batches:
-    last_eval = held_out_loss(eval_fn, state.params, eval_batches, to_device)
+    last_eval = task.evaluate(eval_fn, state.params, eval_batches, to_device)
     writer.write(step, 'eval', last_eval)
   if checkpointer.latest_step() != step:  # finished, or stopped (SIGTERM) between saves
     checkpointer.save(step, state, train_iter.get_state(), force=True)
@@ -215,6 +240,8 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
       'mfu_peak_flops_per_device': peak_per_device, 'mfu_peak_source': peak_source,
       **({key: last_train.get(key) for key in ('score', 'kl')} if task.phases else {}),
       **(phase_clock.summary() if phase_clock is not None else {}),
+      **{f'eval_{k}': last_eval[k] for k in ('accuracy', 'margin') if k in last_eval},
+      **(data_report or {}),
   }
   if is_lead:
     workdir_lib.write_summary(workdir, summary)

@@ -90,7 +90,8 @@ class MetricsWriter:
                             tok_s=f'{record.get("tokens_per_second", 0):.0f}',
                             mfu=f'{100 * record.get("mfu", 0):.1f}%')
     elif self._bar is None and split == 'eval':
-      print(f'step {step}: eval loss {record["loss"]:.4f} perplexity {record["perplexity"]:.2f}')
+      print(f'step {step}: eval ' + ', '.join(f'{k} {record[k]:.4f}' for k in (
+          'loss', 'perplexity', 'accuracy', 'margin') if k in record))
 
   def advance(self, steps: int = 1) -> None:
     if self._bar is not None:
