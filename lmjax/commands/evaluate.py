@@ -10,6 +10,10 @@ step of the evaluated checkpoint). See `lmjax.evaluation` for the definitions.
                     (corpus, sacrebleu) of the completions (decoding flags as in `lmjax sample`)
   --choices_file    JSONL of {"question", "choices": [...], "answer": index}: accuracy of the
                     most likely choice, raw, per character and per token
+  --tasks           lm-evaluation-harness tasks or groups (needs the [eval] extra), e.g.
+                    hellaswag,arc_easy,mmlu, with --num_fewshot, --limit, --log_samples and
+                    --include_path (a directory of local task YAMLs); perplexity then runs only
+                    with --source. Rows per batch: --batch_size.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ def add_arguments(parser) -> None:
   parser.add_argument('--no_perplexity', action='store_true', help='skip perplexity/bits per byte')
   parser.add_argument('--generation_file', help='JSONL with "prompt" and "reference" per line')
   parser.add_argument('--choices_file', help='JSONL with "question", "choices", "answer"')
+  parser.add_argument('--tasks', help='lm-eval tasks / groups, comma-separated')
+  parser.add_argument('--num_fewshot', type=int, help='few-shot examples per prompt (lm-eval)')
+  parser.add_argument('--limit', type=float,
+                      help='documents per task (a fraction if < 1); default all')
+  parser.add_argument('--log_samples', action='store_true',
+                      help='write each task\'s samples to WORKDIR/eval_samples/TASK.jsonl')
+  parser.add_argument('--include_path', help='a directory of lm-eval task YAMLs')
   add_sampling_arguments(parser)
 
 
@@ -37,12 +48,19 @@ def run(args) -> int:
   from lmjax.data import DataError  # pylint: disable=g-import-not-at-top
   from lmjax.evaluation import evaluate_workdir  # pylint: disable=g-import-not-at-top
   config = config_of(args.workdir, args.overrides)
+  harness = None
+  if args.tasks:
+    limit = args.limit
+    harness = {'tasks': [t.strip() for t in args.tasks.split(',') if t.strip()],
+               'num_fewshot': args.num_fewshot, 'include_path': args.include_path,
+               'limit': int(limit) if limit is not None and limit.is_integer() else limit,
+               'log_samples': args.log_samples}
   try:
     results = evaluate_workdir(
         args.workdir, config, source=args.source, max_documents=args.max_documents,
-        window=args.window, perplexity=not args.no_perplexity,
+        window=args.window, perplexity=not args.no_perplexity and (not args.tasks or args.source),
         generation_file=args.generation_file, choices_file=args.choices_file, flags=args,
-        seed=args.seed, batch_size=args.batch_size)
+        seed=args.seed, batch_size=args.batch_size, harness=harness)
   except DataError as e:
     raise ConfigError(str(e)) from None
   print_json(results)

@@ -14,6 +14,7 @@ batched into a few fixed shapes (`lmjax.evaluation.loglikelihood`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -55,13 +56,14 @@ class LmjaxLM(TemplateLM):
   workdir=DIR[,batch_size=16,max_length=N,max_gen_toks=256,tokenizer=PATH]`; in Python:
   `LmjaxLM(workdir=DIR)` or `LmjaxLM.from_params(model_cfg, params, tokenizer)`.
 
-  A workdir is loaded as `lmjax sample` loads it (any task, adapters merged), with its own
+  A workdir is loaded as `lmjax sample` loads it (any task, adapters merged; `config`: its config
+  with overrides, default its config.json), with its own
   tokenizer (or `tokenizer`: a SentencePiece model or a tokenizer.json); on several devices its
   params are laid out on the config's mesh and each batch's rows split over the batch axes.
   """
 
   def __init__(self, workdir: str = '', batch_size=16, max_length=0, max_gen_toks=256,
-               tokenizer: str = '', **unused):
+               tokenizer: str = '', config=None, **unused):
     super().__init__()
     del unused  # lm-eval passes device / max_batch_size, which mean nothing here
     if not workdir:
@@ -70,7 +72,7 @@ class LmjaxLM(TemplateLM):
     from lmjax.models.transformer import ModelConfig  # pylint: disable=g-import-not-at-top
     from lmjax.tasks import load_trained  # pylint: disable=g-import-not-at-top
     from lmjax.workdir import config_of  # pylint: disable=g-import-not-at-top
-    config = config_of(workdir)
+    config = config if config is not None else config_of(workdir)
     tok = (data_lib.load_tokenizer(tokenizer, config.model.vocab_size) if tokenizer else
            data_lib.load_or_train_tokenizer(config.data, config.model.vocab_size))
     mesh, rules = None, ()
@@ -229,19 +231,25 @@ class LmjaxLM(TemplateLM):
 # --- running tasks --------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _manager(include_path: str | None, include_defaults: bool):
+  """A TaskManager (indexing lm-eval's own tasks takes seconds: once per process)."""
+  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+  return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
 def task_manager(names: list[str], include_path: str | None = None):
   """A TaskManager that knows `names`: the include path alone when it holds them all (fast),
   else with lm-eval's own tasks; an unknown name is a one-line error."""
-  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
   manager = None
   if include_path:
     if not os.path.isdir(include_path):
       raise HarnessInputError(f'--include_path: no such directory: {include_path!r}')
-    manager = TaskManager(include_path=include_path, include_defaults=False)
+    manager = _manager(include_path, False)
     if any(n not in manager.all_tasks and not os.path.isfile(n) for n in names):
       manager = None
   if manager is None:
-    manager = TaskManager(include_path=include_path or None)
+    manager = _manager(include_path or None, True)
   for name in names:
     if name not in manager.all_tasks and not os.path.isfile(name):
       where = f'lm-eval\'s tasks or {include_path}' if include_path else 'lm-eval\'s tasks'

@@ -49,7 +49,7 @@ def evaluate_workdir(workdir: str, config, *, source: str | None = None,
                      max_documents: int | None = None, window: int | None = None,
                      perplexity: bool = True, generation_file: str | None = None,
                      choices_file: str | None = None, flags=None, seed: int = 0,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int = 32, harness: dict | None = None) -> dict:
   """Evaluates the workdir's model and records the results; returns {'step', **results}.
 
   perplexity: loss, perplexity and bits per byte of the held-out split of the workdir's data (or
@@ -59,7 +59,11 @@ def evaluate_workdir(workdir: str, config, *, source: str | None = None,
     decoded per `sampling_config(config, tokenizer, flags)`.
   choices_file: JSONL of {"question", "choices", "answer"}: accuracy of the most likely choice
     (keys prefixed with `mc_`).
-  A bad input is a DataError naming the file (and line).
+  harness: lm-evaluation-harness tasks, {'tasks': [names], 'num_fewshot', 'limit',
+    'include_path', 'log_samples'} (`harness.run_tasks`; rows per batch: `batch_size`): lm-eval's
+    results under 'harness', each metric as 'harness/TASK/METRIC'; logged samples go to
+    WORKDIR/eval_samples/TASK.jsonl.
+  A bad input is a DataError naming the file (and line), or the task.
   """
   from lmjax.tasks import load_model  # pylint: disable=g-import-not-at-top
   tokenizer = data_lib.load_or_train_tokenizer(config.data, config.model.vocab_size)
@@ -85,6 +89,8 @@ def evaluate_workdir(workdir: str, config, *, source: str | None = None,
     scores = choice_loglikelihoods(model_cfg, params, tokenizer, choices, batch_size)
     accuracy = choice_accuracy(choices, scores)
     results.update({f'mc_{key}': value for key, value in accuracy.items()})
+  if harness:
+    results.update(run_harness(workdir, config, harness, batch_size, seed))
 
   step = checkpoint_step(workdir)
   with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:
@@ -93,3 +99,19 @@ def evaluate_workdir(workdir: str, config, *, source: str | None = None,
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
     f.write(json.dumps({'step': step, 'split': 'eval', **numbers}) + '\n')
   return {'step': step, **results}
+
+
+def run_harness(workdir: str, config, harness: dict, batch_size: int, seed: int) -> dict:
+  """lm-eval's results of the harness tasks on the workdir's model (see `evaluate_workdir`)."""
+  from lmjax.evaluation import harness as harness_lib  # pylint: disable=g-import-not-at-top
+  lm = harness_lib.LmjaxLM(workdir=workdir, batch_size=batch_size, config=config)
+  out = harness_lib.run_tasks(lm, list(harness['tasks']), harness.get('num_fewshot'),
+                              harness.get('limit'), harness.get('include_path'),
+                              bool(harness.get('log_samples')), seed=seed)
+  results = {f'harness/{k}': v for k, v in harness_lib.flat_metrics(out).items()}
+  kept = {k: out[k] for k in ('results', 'groups', 'group_subtasks', 'n-shot', 'versions')
+          if k in out}
+  results['harness'] = json.loads(json.dumps(kept, default=str))
+  if harness.get('log_samples'):
+    harness_lib.write_samples(os.path.join(workdir, 'eval_samples'), out['samples'])
+  return results
