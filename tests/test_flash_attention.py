@@ -247,3 +247,25 @@ def test_rejects_bad_arguments():
     flash_attention(q, k, v, causal=False, block_q=48, interpret=True)
   with pytest.raises(ValueError, match='block_k=64 must be a power of two >= 128 on backend tpu'):
     flash_attention(q, k, v, causal=False, block_k=64, backend='tpu')
+
+
+def test_triton_exports_for_cuda_with_only_its_check_disabled():
+  """The GPU kernels (forward and backward) serialise for CUDA on this CPU host; the Triton
+  custom call is the only unstable one, so disabling exactly its check suffices."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  from lmjax.kernels import flash_gpu  # pylint: disable=g-import-not-at-top
+
+  def loss(q, k, v, seg):
+    out = flash_attention(q, k, v, seg, causal=True, backend='gpu')
+    return out.astype(jnp.float32).sum()
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+  with pytest.raises(ValueError, match='custom calls whose targets have no compatibility'):
+    export.export(fn, platforms=['cuda'])(q, kv, kv, seg)
+  exported = export.export(fn, platforms=['cuda'],
+                           disabled_checks=flash_gpu.export_disabled_checks())(q, kv, kv, seg)
+  assert exported.platforms == ('cuda',)
+  assert exported.mlir_module().count('@__gpu$xla.gpu.triton') == 3  # fwd, dq, dk/dv

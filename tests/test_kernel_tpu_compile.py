@@ -80,3 +80,16 @@ def test_vmem_per_program_does_not_grow_with_length():
   at_128k = flash_tpu.vmem_bytes_per_program(tiling(131072), 128, 2)
   assert at_8k == at_128k
   assert max(at_8k.values()) < 16 * 2**20  # Mosaic's default scoped VMEM limit
+
+
+def test_backend_and_check_available_follow_the_target():
+  """On a CPU host, a TPU mesh set by `jax.set_mesh` selects Mosaic and refuses cuDNN."""
+  from lmjax.models import attention  # pylint: disable=g-import-not-at-top
+  assert flash_common.target_backend() == 'interpret'
+  with pytest.raises(ValueError, match='cudnn needs a GPU target; the target is cpu'):
+    attention.check_available('cudnn')
+  with jax.set_mesh(_mesh('v5e:2x2')):
+    assert flash_common.target_backend() == 'tpu'
+    attention.check_available('pallas')
+    with pytest.raises(ValueError, match='cudnn needs a GPU target; the target is tpu'):
+      attention.check_available('cudnn')
