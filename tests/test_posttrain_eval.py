@@ -1,0 +1,107 @@
+"""Held-out evaluation of post-training runs (`lmjax train`, every eval_every steps): the metrics in
+metrics.jsonl equal an independent numpy computation on the run's final params, and the data's
+signal (chosen = a function that returns, rejected = a stub) is learnt well above chance."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lmjax import tasks
+from lmjax.config import apply_overrides, load_config, validate
+from lmjax.data import load_or_train_tokenizer
+from lmjax.models.transformer import forward, forward_hidden
+from lmjax.tasks import params as params_lib
+from lmjax.train.loop import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ['eval_every=10', 'eval_batches=3', 'post.eval_fraction=0.25', 'progress_bar=false',
+          'checkpoint_every=1000', 'log_every=10']
+
+
+def _run(tmp_path, name, overrides):
+  config = load_config(os.path.join(ROOT, 'configs', f'{name}_tiny.py'))
+  apply_overrides(config, COMMON + overrides)
+  validate(config)
+  workdir = str(tmp_path / name)
+  summary = train(config, workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    records = [json.loads(line) for line in f]
+  evals = [r for r in records if r['split'] == 'eval']
+  data = [r for r in records if r['split'] == 'data']
+  task, params = tasks.load_task_params(workdir)
+  tok = load_or_train_tokenizer(config.data, config.model.vocab_size)
+  batches = task.make_eval_batches(config, tok)
+  return config, summary, evals, data[0], task, params, batches
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _target_logps(cfg, params, batch, prefix=''):
+  """(rows, positions) log p(target) of the rows under plain `params`, in numpy (float64)."""
+  get = lambda k: batch[prefix + k]
+  logits = np.asarray(forward(cfg, params, get('inputs'), get('positions'), get('segment_ids')),
+                      np.float64)
+  logp = np.take_along_axis(_log_softmax(logits), get('targets')[..., None], -1)[..., 0]
+  return logp * get('weights')
+
+
+def test_reward_held_out_accuracy_and_margin(tmp_path):
+  config, summary, evals, data, task, params, batches = _run(tmp_path, 'reward', ['steps=20'])
+  assert [e['step'] for e in evals] == [10, 20] and data['data/kept'] == 36
+  assert len(batches) == 3 and evals[-1]['pairs'] == 12
+  model = params_lib.model_params(task, params)
+  head = {k: np.asarray(v, np.float64) for k, v in params['trainable']['head'].items()}
+  scores = {}
+  for side in ('chosen', 'rejected'):
+    out = []
+    for b in batches:
+      _, hidden = forward_hidden(task.model, model, b[f'{side}_inputs'], b[f'{side}_positions'],
+                                 b[f'{side}_segment_ids'])
+      last = (b[f'{side}_segment_ids'] > 0).sum(1) - 1
+      out.append(np.asarray(hidden, np.float64)[np.arange(len(last)), last] @ head['w'] + head['b'])
+    scores[side] = np.concatenate(out)
+  diff = scores['chosen'] - scores['rejected']
+  loss = np.mean(np.log1p(np.exp(-diff))) + config.post.center_coef * np.mean(
+      (scores['chosen'] + scores['rejected'])**2)
+  final = evals[-1]
+  np.testing.assert_allclose([final['accuracy'], final['margin'], final['loss']],
+                             [np.mean(diff > 0), np.mean(diff), loss], rtol=2e-4, atol=2e-5)
+  assert final['accuracy'] >= 0.9 and summary['eval_accuracy'] == final['accuracy']
+
+
+@pytest.mark.parametrize('loss_type', ['sigmoid'])
+def test_dpo_held_out_implicit_rewards_and_log_probs(tmp_path, loss_type):
+  config, _, evals, _, task, params, batches = _run(
+      tmp_path, 'dpo', ['steps=20', 'optimizer.learning_rate=3e-3', f'post.loss_type={loss_type}'])
+  policy = params_lib.model_params(task, params)
+  reference = params_lib.reference_params(task, params)
+  logps = {(who, side): np.concatenate([
+      _target_logps(task.model, p, b, f'{side}_').sum(1) for b in batches])
+           for who, p in (('policy', policy), ('ref', reference)) for side in ('chosen', 'rejected')}
+  beta = config.post.beta
+  rc = beta * (logps['policy', 'chosen'] - logps['ref', 'chosen'])
+  rr = beta * (logps['policy', 'rejected'] - logps['ref', 'rejected'])
+  final = evals[-1]
+  want = [np.mean(np.log1p(np.exp(-(rc - rr)))), np.mean(rc > rr), np.mean(rc - rr), np.mean(rc),
+          np.mean(rr), np.mean(logps['policy', 'chosen']), np.mean(logps['policy', 'rejected'])]
+  got = [final[k] for k in ('loss', 'accuracy', 'margin', 'chosen_reward', 'rejected_reward',
+                            'chosen_logps', 'rejected_logps')]
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  assert final['accuracy'] >= 0.9 and final['margin'] > evals[0]['margin'] > 0
+
+
+def test_sft_held_out_response_loss_and_perplexity(tmp_path):
+  _, _, evals, data, task, params, batches = _run(tmp_path, 'sft', ['steps=20'])
+  assert data['data/records'] == 36
+  decoding = task.decoding_params(params)
+  nll = sum(-_target_logps(task.model, decoding, b).sum() for b in batches)
+  tokens = sum(float(b['weights'].sum()) for b in batches)
+  final = evals[-1]
+  np.testing.assert_allclose([final['loss'], final['perplexity'], final['tokens']],
+                             [nll / tokens, np.exp(nll / tokens), tokens], rtol=2e-4)
+  assert final['loss'] < evals[0]['loss']
