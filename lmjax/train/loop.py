@@ -161,6 +161,9 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
   extra = {'pipeline_bubble': bubble_fraction(stages, task.pipeline[1])} if stages > 1 else {}
   writer = MetricsWriter(workdir, config.steps, start_step, enabled=is_lead,
                          progress_bar=config.progress_bar)
+  if config.eval.harness_tasks:  # lm-eval tasks on the live params, logged as split 'harness'
+    from lmjax.evaluation.harness import training_hook  # pylint: disable=g-import-not-at-top
+    hooks = (*hooks, training_hook(config, task, writer, mesh, mesh_lib.rules(config)[0]))
   phase_clock = PhaseClock(task.phases, clock) if task.phases else None
   if data_report:
     writer.write(start_step, 'data', data_report)
