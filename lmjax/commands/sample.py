@@ -6,7 +6,6 @@ Every decoding option defaults to the workdir config's `sample` group; flags ove
 
 from __future__ import annotations
 
-from lmjax.config import ConfigError
 from lmjax.workdir import config_of
 
 
@@ -20,7 +19,8 @@ def add_sampling_arguments(parser) -> None:
                       help='drop tokens below min_p x the top probability; 0 = off')
   parser.add_argument('--repetition_penalty', type=float,
                       help='> 1 discourages tokens already in the prompt or output; 1 = off')
-  parser.add_argument('--num_beams', type=int, help='> 1 = beam search (no sampling options)')
+  parser.add_argument('--num_beams', type=int, help='> 1 = beam search; turns the workdir\'s '
+                      'sampling options (temperature, top_k/p, min_p, repetition_penalty) off')
   parser.add_argument('--length_penalty', type=float,
                       help='beam score = sum log-prob / length ** length_penalty')
   parser.add_argument('--seed', type=int, default=0)
@@ -41,16 +41,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
   from lmjax.data.jsonl import read_jsonl, write_jsonl  # pylint: disable=g-import-not-at-top
-  from lmjax.data.sources import DataError  # pylint: disable=g-import-not-at-top
   from lmjax.inference.complete import sample_records  # pylint: disable=g-import-not-at-top
   config = config_of(args.workdir, args.overrides)
-  try:
-    if args.prompts_file:
-      prompts = read_jsonl(args.prompts_file, 'prompt')
-    else:
-      prompts = args.prompt or [config.sample.prompt]
-  except DataError as e:
-    raise ConfigError(str(e)) from None
+  if args.prompts_file:
+    prompts = read_jsonl(args.prompts_file, 'prompt')
+  else:
+    prompts = args.prompt or [config.sample.prompt]
   records = sample_records(args.workdir, config, prompts, args)
   if args.output:
     write_jsonl(args.output, records)

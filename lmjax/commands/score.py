@@ -7,7 +7,6 @@ used as given). The output repeats the record and adds `tokens` (for text record
 
 from __future__ import annotations
 
-from lmjax.config import ConfigError
 from lmjax.workdir import config_of
 
 
@@ -20,13 +19,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
   from lmjax.data.jsonl import write_jsonl  # pylint: disable=g-import-not-at-top
-  from lmjax.data.sources import DataError  # pylint: disable=g-import-not-at-top
   from lmjax.inference.scoring import score_jsonl  # pylint: disable=g-import-not-at-top
   config = config_of(args.workdir, args.overrides)
-  try:
-    out = score_jsonl(args.workdir, config, args.input, args.batch_size)
-  except DataError as e:
-    raise ConfigError(str(e)) from None
+  out = score_jsonl(args.workdir, config, args.input, args.batch_size)
   write_jsonl(args.output, out)
   print(f'scored {len(out)} sequences ({sum(len(r["tokens"]) - 1 for r in out)} tokens) -> '
         f'{args.output}')

@@ -8,19 +8,29 @@ from lmjax.inference.generate import SamplingConfig, generate
 
 SAMPLING_OPTIONS = ('max_new_tokens', 'temperature', 'top_k', 'top_p', 'min_p',
                     'repetition_penalty', 'num_beams', 'length_penalty')
+# a --num_beams flag turns the config's sampling options off (flags given with it still count)
+BEAM_NEUTRAL = {'temperature': 0.0, 'top_k': 0, 'top_p': 1.0, 'min_p': 0.0,
+                'repetition_penalty': 1.0}
 
 
 def sampling_config(config, tokenizer, flags=None) -> SamplingConfig:
   """SamplingConfig from the config's `sample` group, overridden by the flags given.
 
   `flags`: an object with any of SAMPLING_OPTIONS, `no_stop` and `stop_token` as attributes (the
-  parsed command line); an attribute that is None keeps the config's value. Stops at the
+  parsed command line); an attribute that is None keeps the config's value, except that a
+  `num_beams` flag > 1 turns the config's sampling options off (BEAM_NEUTRAL). Stops at the
   tokenizer's EOS unless `no_stop`, and at every `stop_token`.
   """
   values = {}
+  beams_flag = (getattr(flags, 'num_beams', None) or 1) > 1
   for name in SAMPLING_OPTIONS:
     flag = getattr(flags, name, None)
-    values[name] = flag if flag is not None else config.sample[name]
+    if flag is not None:
+      values[name] = flag
+    elif beams_flag and name in BEAM_NEUTRAL:  # --num_beams overrides the workdir's sampling
+      values[name] = BEAM_NEUTRAL[name]
+    else:
+      values[name] = config.sample[name]
   stops = () if getattr(flags, 'no_stop', False) else (tokenizer.eos_id,)
   stops += tuple(getattr(flags, 'stop_token', None) or ())
   try:

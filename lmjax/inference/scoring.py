@@ -83,9 +83,16 @@ def score_jsonl(workdir: str, config, path: str, batch_size: int = 8) -> list[di
   A bad record or a sequence too long for the model is a DataError naming the file."""
   from lmjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from lmjax.tasks import load_model  # pylint: disable=g-import-not-at-top
-  tokenizer = data_lib.load_or_train_tokenizer(config.data, config.model.vocab_size)
   vocab_size = config.model.vocab_size
-  pairs = read_jsonl(path, encode=lambda r: (r, record_tokens(r, tokenizer, vocab_size)))
+  tokenizer = []  # loaded at the first text record: token-id input needs no tokenizer
+
+  class _Lazy:
+    def __getattr__(self, name):
+      if not tokenizer:
+        tokenizer.append(data_lib.load_or_train_tokenizer(config.data, vocab_size))
+      return getattr(tokenizer[0], name)
+
+  pairs = read_jsonl(path, encode=lambda r: (r, record_tokens(r, _Lazy(), vocab_size)))
   model_cfg, params = load_model(workdir, config)
   try:
     logps = score_sequences(model_cfg, params, [ids for _, ids in pairs], batch_size)
