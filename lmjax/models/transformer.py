@@ -39,6 +39,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lmjax.config import base_config
 from lmjax.models import attention as attention_lib
 from lmjax.models.layers import MLP, RMSNorm, constrain, param_with_axes, rope
+from lmjax.models.moe import MoE, MoeConfig, is_moe_layer
 from lmjax.parallel import target
 
 _REMAT_POLICIES = {
@@ -82,6 +83,7 @@ class ModelConfig:
   rope_high_freq_factor: float = _SCHEMA.rope_high_freq_factor
   rope_original_max_len: int = _SCHEMA.rope_original_max_len
   logits_chunk: int = _SCHEMA.logits_chunk
+  moe: MoeConfig = MoeConfig()  # num_experts = 0: every layer dense (lmjax.models.moe)
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -90,6 +92,7 @@ class ModelConfig:
     values['head_dim'] = values['head_dim'] or values['d_model'] // values['num_heads']
     values['dtype'] = resolve_dtype(values['dtype'])
     values['param_dtype'] = resolve_dtype(values['param_dtype'])
+    values['moe'] = MoeConfig.from_config(values['moe'])
     return cls(**values)
 
 
@@ -174,8 +177,10 @@ def bottleneck_adapter(h_TD, w):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with `moe_layer` the
+  feed-forward is the mixture of experts (`lmjax.models.moe.MoE`, parameters under `moe`)."""
   cfg: ModelConfig
+  moe_layer: bool = False
 
   @nn.compact
   def __call__(self, x_TD, kv_cache, ctx, layer_peft=None):
@@ -188,9 +193,14 @@ class Block(nn.Module):
     if adapter is not None:
       attn_TD = bottleneck_adapter(attn_TD, adapter['attn'])
     x_TD = constrain(x_TD + attn_TD, ('act_tokens', 'act_embed'))
-    mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.init_std, cfg.init_std / (2 * cfg.num_layers)**0.5,
-              cfg.dtype, cfg.param_dtype, name='mlp')
-    mlp_TD = mlp(norm('mlp_norm')(x_TD))
+    out_std = cfg.init_std / (2 * cfg.num_layers)**0.5
+    if self.moe_layer:
+      mlp_TD = MoE(cfg.moe, cfg.d_model, cfg.mlp_dim, cfg.init_std, out_std, cfg.dtype,
+                   cfg.param_dtype, name='moe')(norm('mlp_norm')(x_TD), kv_cache is not None)
+    else:
+      mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.init_std, out_std, cfg.dtype, cfg.param_dtype,
+                name='mlp')
+      mlp_TD = mlp(norm('mlp_norm')(x_TD))
     if adapter is not None:
       mlp_TD = bottleneck_adapter(mlp_TD, adapter['mlp'])
     x_TD = constrain(x_TD + mlp_TD, ('act_tokens', 'act_embed'))
@@ -214,12 +224,17 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    moe_layers = [is_moe_layer(cfg.moe, i) for i in range(cfg.num_layers)]
     if cfg.scan_layers:
-      self.layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                            in_axes=(0, nn.broadcast, 0), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: 'layers'})(cfg)
-    else:
-      self.layers = [block(cfg) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
+      if len(set(moe_layers)) > 1:
+        raise ValueError('model.scan_layers: scanned layers must all be dense or all MoE (set '
+                         'model.moe.first_k_dense=0 and model.moe.moe_every=1, or unroll)')
+      self.layers = nn.scan(block, variable_axes={'params': 0, 'moe': 0},
+                            split_rngs={'params': True}, in_axes=(0, nn.broadcast, 0),
+                            length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, moe_layers[0])
+    else:  # named layers_0, layers_1, ...
+      self.layers = [block(cfg, moe_layer) for moe_layer in moe_layers]
     self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
     if cfg.tie_embeddings:
       self.head_DV = self.embed_VD.T
@@ -377,6 +392,22 @@ def forward_head_inputs(cfg: ModelConfig, params, tokens_BL, positions_BL, segme
             module.head_weight())
 
   return nn.apply(run, Transformer(cfg))({'params': params})
+
+
+def forward_moe(cfg: ModelConfig, params, tokens_BL, positions_BL, segment_ids_BL, peft=None,
+                head_inputs: bool = False):
+  """(`forward`'s logits, or `forward_head_inputs`' pair with `head_inputs`, and the MoE layers'
+  sown routing statistics: the `moe` collection that `lmjax.models.moe.loss_sums` reduces)."""
+  params, peft = _split_peft(params, peft)
+
+  def run(module):
+    if head_inputs:
+      return (_hidden(module, tokens_BL, positions_BL, segment_ids_BL, peft),
+              module.head_weight())
+    return module(tokens_BL, positions_BL, segment_ids_BL, None, peft)[0]
+
+  out, variables = nn.apply(run, Transformer(cfg), mutable=['moe'])({'params': params})
+  return out, variables.get('moe', {})
 
 
 def _split_peft(params, peft):

@@ -10,6 +10,8 @@ A preset (config key `sharding`) gives two rule lists over the same logical name
   fsdp        fsdp                     'embed' over fsdp (ZeRO-3)  as params
   fsdp_tp     fsdp, tensor             fsdp + heads/kv_heads/mlp/vocab over tensor (Megatron)
   dp_fsdp_tp  data, fsdp, tensor       as fsdp_tp, replicated over data
+  ep          data, fsdp, tensor,      as dp_fsdp_tp; MoE experts over `expert`, and the batch over
+              expert                   data x fsdp x expert (expert parallelism, docs/moe.md)
 
 Every preset splits the batch over data x fsdp and stacked layers over `pipeline` (every preset
 may use `pipeline`). `sharding_rules` overrides single names: 'embed=fsdp,mlp=tensor,act_len='
@@ -24,14 +26,15 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec
 
-from lmjax.config import ConfigError, mesh_shape, rows_per_step
+from lmjax.config import MESH_AXES, ConfigError, mesh_shape, rows_per_step
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
 BATCH_AXES = ('data', 'fsdp')
-PARAM_AXES = ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm', 'layers')
+EP_BATCH_AXES = ('data', 'fsdp', 'expert')
+PARAM_AXES = ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm', 'layers',
+              'experts', 'expert_mlp')
 ACTIVATION_AXES = ('act_batch', 'act_tokens', 'act_len', 'act_embed', 'act_heads', 'act_kv_heads',
                    'act_mlp', 'act_vocab')
-PRESETS = ('dp', 'zero1', 'fsdp', 'fsdp_tp', 'dp_fsdp_tp')
+PRESETS = ('dp', 'zero1', 'fsdp', 'fsdp_tp', 'dp_fsdp_tp', 'ep')
 DEFAULT_PRESET = 'dp_fsdp_tp'
 
 _PRESET_AXES = {
@@ -40,15 +43,16 @@ _PRESET_AXES = {
     'fsdp': ('fsdp', 'pipeline'),
     'fsdp_tp': ('fsdp', 'tensor', 'pipeline'),
     'dp_fsdp_tp': ('data', 'fsdp', 'tensor', 'pipeline'),
+    'ep': ('data', 'fsdp', 'tensor', 'pipeline', 'expert'),
 }
 
 _SHARED = {'act_batch': BATCH_AXES, 'act_tokens': BATCH_AXES, 'act_len': None, 'act_embed': None,
-           'head_dim': None, 'norm': None, 'layers': 'pipeline'}
+           'head_dim': None, 'norm': None, 'layers': 'pipeline', 'experts': None}
 _NO_TENSOR = {'act_heads': None, 'act_kv_heads': None, 'act_mlp': None, 'act_vocab': None,
-              'vocab': None, 'heads': None, 'kv_heads': None, 'mlp': None}
+              'vocab': None, 'heads': None, 'kv_heads': None, 'mlp': None, 'expert_mlp': None}
 _TENSOR = {'act_heads': 'tensor', 'act_kv_heads': 'tensor', 'act_mlp': 'tensor',
            'act_vocab': 'tensor', 'vocab': 'tensor', 'heads': 'tensor', 'kv_heads': 'tensor',
-           'mlp': 'tensor'}
+           'mlp': 'tensor', 'expert_mlp': 'tensor'}
 
 # logical name -> (config key, function of the config giving the dimension's size)
 _PARAM_SIZES = {
@@ -61,6 +65,9 @@ _PARAM_SIZES = {
     'mlp': ('model.mlp_dim', lambda c: c.model.mlp_dim),
     'norm': ('model.d_model', lambda c: c.model.d_model),
     'layers': ('model.num_layers', lambda c: c.model.num_layers),
+    'experts': ('model.moe.num_experts', lambda c: c.model.moe.num_experts),
+    'expert_mlp': ('model.moe.expert_mlp_dim',
+                   lambda c: c.model.moe.expert_mlp_dim or c.model.mlp_dim),
     'act_len': ('seq_len', lambda c: c.seq_len),
     'act_embed': ('model.d_model', lambda c: c.model.d_model),
     'act_heads': ('model.num_heads', lambda c: c.model.num_heads),
@@ -74,8 +81,11 @@ def preset_rules(preset: str) -> tuple[tuple, tuple]:
   """(params rules, optimizer-state rules) of a preset, as tuples of (logical name, mesh axes)."""
   if preset not in PRESETS:
     raise ConfigError(f'sharding: must be one of {", ".join(PRESETS)}; got {preset!r}')
-  params = dict(_SHARED, **(_TENSOR if preset in ('fsdp_tp', 'dp_fsdp_tp') else _NO_TENSOR))
-  params['embed'] = 'fsdp' if preset in ('fsdp', 'fsdp_tp', 'dp_fsdp_tp') else None
+  params = dict(_SHARED,
+                **(_TENSOR if preset in ('fsdp_tp', 'dp_fsdp_tp', 'ep') else _NO_TENSOR))
+  params['embed'] = 'fsdp' if preset in ('fsdp', 'fsdp_tp', 'dp_fsdp_tp', 'ep') else None
+  if preset == 'ep':
+    params.update(experts='expert', act_batch=EP_BATCH_AXES, act_tokens=EP_BATCH_AXES)
   opt = dict(params)
   if preset == 'zero1':
     opt['embed'] = BATCH_AXES

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lmjax import data as data_lib
 from lmjax.losses import chunked_cross_entropy, cross_entropy
-from lmjax.models.transformer import ModelConfig, forward, forward_head_inputs
+from lmjax.models import moe as moe_lib
+from lmjax.models.transformer import ModelConfig, forward, forward_head_inputs, forward_moe
 from lmjax.parallel import pipeline as pipeline_lib
 from lmjax.tasks.base import Task
 
@@ -14,8 +15,18 @@ def token_loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0, 
   """Sums (see `losses.cross_entropy`) of the next-token loss on one batch of rows (`inputs`,
   `targets`, `positions`, `segment_ids`, `weights`); `peft`: in-model PEFT leaves. With pipeline
   stages the layers run as a GPipe schedule; with `model.logits_chunk` > 0 the head and loss run
-  chunk by chunk (`losses.chunked_cross_entropy`): the same sums without the (B, L, V) logits."""
+  chunk by chunk (`losses.chunked_cross_entropy`): the same sums without the (B, L, V) logits.
+  An MoE model adds its routing losses and metrics (`lmjax.models.moe.loss_sums`)."""
   args = (model_cfg, params, batch['inputs'], batch['positions'], batch['segment_ids'])
+  if model_cfg.moe.num_experts and pipeline[0] == 1:
+    out, stats = forward_moe(*args, peft=peft, head_inputs=model_cfg.logits_chunk > 0)
+    if model_cfg.logits_chunk > 0:
+      sums = chunked_cross_entropy(*out, batch['targets'], batch['weights'],
+                                   model_cfg.logits_chunk, z_loss)
+    else:
+      sums = cross_entropy(out, batch['targets'], batch['weights'], z_loss)
+    extra = moe_lib.loss_sums(model_cfg.moe, stats, sums['weight'])
+    return dict(sums, **extra, loss=sums['loss'] + extra['loss'])
   if pipeline[0] > 1:
     logits_BLV = pipeline_lib.staged_forward(*args, stages=pipeline[0], microbatches=pipeline[1],
                                       peft=peft)
