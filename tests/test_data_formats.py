@@ -140,3 +140,32 @@ def test_a_missing_optional_module_is_an_install_hint(monkeypatch, capsys):
   assert cli.main(['score', '--workdir=x', '--input=y', '--output=z']) == 2
   assert capsys.readouterr().err == ('lmjax score: missing optional dependency: safetensors: '
                                      'pip install -e ".[hf]"\n')
+
+
+@pytest.mark.parametrize('name', ['c.jsonl.gz', 'c.parquet', 'c.json', 'c_hf'])
+def test_pretraining_sources_read_record_files(tmp_path, name):
+  from lmjax.config import base_config  # pylint: disable=g-import-not-at-top
+  from lmjax.data import sources  # pylint: disable=g-import-not-at-top
+  texts = [{'text': f'doc {i} ' * (i + 1)} for i in range(6)]
+  data = base_config().data
+  data.source = _write(tmp_path / name, texts)
+  docs = sources.load_sources(data)[0].docs
+  assert [sources.read_document(d, 'text') for d in docs] == [t['text'] for t in texts]
+  data.source = _write(tmp_path / ('bad_' + name), texts[:2] + [{'body': 'x'}])
+  with pytest.raises(DataError, match=r"(:row 3|:3|:record 3): no string field 'text' "
+                                      r'\(data.text_field\)'):
+    sources.load_sources(data)
+  data.on_bad_input = 'skip'
+  assert len(sources.load_sources(data)[0].skipped) == 1
+
+
+def test_a_one_document_corpus_says_why_there_is_no_eval_set(tmp_path, capsys):
+  from lmjax.config import base_config  # pylint: disable=g-import-not-at-top
+  from lmjax.data import report_data  # pylint: disable=g-import-not-at-top
+  config = base_config()
+  config.data.source = str(tmp_path / 'shakespeare.txt')
+  assert report_data(config, iter(()), []) == {}
+  assert capsys.readouterr().out == (
+      f"data: no held-out evaluation: data.source '{tmp_path}/shakespeare.txt' gave no held-out "
+      'document (data.eval_fraction=0.02; a source of a single document stays in training: split '
+      'it into several files or JSON lines)\n')

@@ -6,12 +6,16 @@ bad input fails before training starts and skip mode can count exactly what it d
 itself is read again lazily, one document at a time, by the pipeline (`read_document`).
 
 Source spec (`data.source`): `stdlib` | a glob of text files (`**` recursive) | a `.jsonl` path or
-glob; a mixture is `SRC@WEIGHT,SRC@WEIGHT` (weight defaults to 1).
+glob | record files as `lmjax.data.records` reads them (`.jsonl.gz`, `.jsonl.zst`, `.json` arrays,
+`.parquet`, a Hugging Face `datasets` save_to_disk directory), whose `data.text_field` is the text;
+a mixture is `SRC@WEIGHT,SRC@WEIGHT` (weight defaults to 1). Record files other than plain JSON
+lines are read whole into memory once per process (`_record_texts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -156,6 +160,36 @@ def _list_files(paths, source_index, key_fn, skip, skipped):
     yield DocRef(source_index, path, 0, 0, key_fn(path))
 
 
+_RECORD_SUFFIXES = ('.jsonl.gz', '.jsonl.zst', '.json', '.parquet', '.json.gz', '.json.zst')
+
+
+def _is_record_source(name: str) -> bool:
+  return name.lower().endswith(_RECORD_SUFFIXES) or os.path.isdir(os.path.expanduser(name))
+
+
+@functools.lru_cache(maxsize=4)
+def _record_texts(path: str, text_field: str) -> tuple:
+  """((where, text or a DataError message), ...) of every record of a record file."""
+  from lmjax.data.records import iter_records  # pylint: disable=g-import-not-at-top
+  out = []
+  for where, record in iter_records(path):
+    ok = isinstance(record, dict) and isinstance(record.get(text_field), str)
+    out.append((where, record[text_field] if ok else None))
+  return tuple(out)
+
+
+def _list_records(path, key, source_index, text_field, skip, skipped):
+  """A DocRef per record of a record file (line = record number, offset -1)."""
+  for i, (where, text) in enumerate(_record_texts(path, text_field), start=1):
+    if text is None:
+      error = f'{where}: no string field {text_field!r} (data.text_field)'
+      if not skip:
+        raise DataError(error)
+      skipped.append(error)
+      continue
+    yield DocRef(source_index, path, i, -1, f'{key}:{i}')
+
+
 def list_source(name: str, weight: float, source_index: int, text_field: str,
                 skip: bool) -> Source:
   """Lists and checks every document of one source component."""
@@ -164,6 +198,14 @@ def list_source(name: str, weight: float, source_index: int, text_field: str,
     root = sysconfig.get_paths()['stdlib']
     docs = list(_list_files(stdlib_paths(), source_index, lambda p: os.path.relpath(p, root),
                             skip, skipped))
+  elif _is_record_source(name):
+    docs = []
+    root = _glob_root(name)
+    paths = [os.path.expanduser(name)] if os.path.isdir(os.path.expanduser(name)) else (
+        _glob_files(name))
+    for path in paths:
+      docs.extend(_list_records(path, os.path.relpath(path, root), source_index, text_field,
+                                skip, skipped))
   elif name.endswith('.jsonl'):
     docs = []
     root = _glob_root(name)
@@ -215,6 +257,8 @@ def read_document(ref: DocRef, text_field: str) -> str:
   """The text of one document; raises DataError naming the file (and line)."""
   if ref.line == 0:
     return _read_text_file(ref.path)
+  if ref.offset < 0:
+    return _record_texts(ref.path, text_field)[ref.line - 1][1]
   try:
     with open(ref.path, 'rb') as f:
       f.seek(ref.offset)
