@@ -39,9 +39,9 @@ def attention_block(q_BLHD, k_BSKD, v_BSKD, segment_ids=None, *, q_offset=0, kv_
   q_seg, kv_seg = common.split_segments(segment_ids, batch, q_len, k.shape[1])
   t = common.make_tiling(q, k, q_seg is not None, causal=causal, window=sliding_window,
                          backend=backend, blocks=(block_q, block_k, block_q_bwd, block_k_bwd))
-  o_BHLD, lse_BHL1 = flash_tpu.attend(t, *common.to_kernel_layout(t, q, k, v, q_seg, kv_seg),
+  o_BHLD, lse_BH1L = flash_tpu.attend(t, *common.to_kernel_layout(t, q, k, v, q_seg, kv_seg),
                                       common.as_offsets(q_offset, kv_offset))
-  lse_BHL = lse_BHL1[:, :, :q_len, 0]
+  lse_BHL = lse_BH1L[:, :, 0, :q_len]
   return o_BHLD.transpose(0, 2, 1, 3)[:, :q_len], jnp.where(lse_BHL == jnp.inf, -jnp.inf, lse_BHL)
 
 

@@ -51,22 +51,25 @@ def dot(a, b, contract_a: int, contract_b: int):
                          preferred_element_type=jnp.float32)
 
 
-def block_mask(t: Tiling, q_first, k_first, k_start, shape, q_seg, k_seg):
-  """Boolean (bq, bk) mask of visible pairs, or None when every pair is visible.
+def block_mask(t: Tiling, q_first, k_first, k_start, shape, q_seg, k_seg, *,
+               transposed: bool = False):
+  """Boolean mask of visible pairs, or None when every pair is visible.
 
-  `q_first`/`k_first`: global positions of the block's first query / key; `k_start`: the kv
-  block's local start (for padding); `q_seg` a (bq, 1) column and `k_seg` a (1, bk) row of ids.
+  (bq, bk) with queries on rows, or (bk, bq) with keys on rows when `transposed`. `q_first`,
+  `k_first`: global positions of the block's first query / key; `k_start`: the kv block's local
+  start (for padding); `q_seg`, `k_seg`: ids shaped to broadcast against the mask.
   """
+  q_axis, k_axis = (1, 0) if transposed else (0, 1)
   conds = []
   if t.causal or t.window > 0:
-    qp = q_first + lax.broadcasted_iota(jnp.int32, shape, 0)
-    kp = k_first + lax.broadcasted_iota(jnp.int32, shape, 1)
+    qp = q_first + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    kp = k_first + lax.broadcasted_iota(jnp.int32, shape, k_axis)
     if t.causal:
       conds.append(kp <= qp)
     if t.window > 0:
       conds.append(qp - kp < t.window)
   if t.kv_padded:
-    conds.append(k_start + lax.broadcasted_iota(jnp.int32, shape, 1) < t.kv_len)
+    conds.append(k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis) < t.kv_len)
   if q_seg is not None:
     conds.append(q_seg == k_seg)
   if not conds:
@@ -228,7 +231,7 @@ def as_offsets(q_offset, kv_offset):
 
 
 def to_kernel_layout(t: Tiling, q, k, v, q_seg, kv_seg):
-  """Padded BHLD values, a (B, Lq, 1) column and a (B, 1, Lk) row of segment ids (or None).
+  """Padded BHLD values and lane-dense (B, 1, L) rows of segment ids (or None).
 
   Padded keys are masked by index; segment ids are padded with their edge value so that the
   per-block id ranges are not widened.
@@ -237,6 +240,6 @@ def to_kernel_layout(t: Tiling, q, k, v, q_seg, kv_seg):
   k = pad_len(k, t.kv_len_pad).transpose(0, 2, 1, 3)
   v = pad_len(v, t.kv_len_pad).transpose(0, 2, 1, 3)
   if q_seg is not None:
-    q_seg = pad_len(q_seg, t.q_len_pad, mode='edge')[:, :, None]
+    q_seg = pad_len(q_seg, t.q_len_pad, mode='edge')[:, None, :]
     kv_seg = pad_len(kv_seg, t.kv_len_pad, mode='edge')[:, None, :]
   return q, k, v, q_seg, kv_seg

@@ -3,17 +3,21 @@
 Layout BHLD: q (B, H, Lq, D), k/v (B, K, Lk, D), H = K * group. Every operand streams through the
 grid block by block, so the VMEM a program uses does not depend on the sequence length:
 
-  forward   grid (B, H, nq, nk)        q block i stays, kv blocks j stream; scratch m, l (bq, 1)
-                                       and acc (bq, D) in float32 (online softmax), written at the
-                                       last j as o and lse = m + log(l).
+  forward   grid (B, H, nq, nk)        q block i stays, kv blocks j stream; scratch m, l
+                                       (bq, 128) lane-replicated and acc (bq, D) in float32
+                                       (online softmax), written at the last j as o and
+                                       lse = m + log(l).
   dq        grid (B, H, nq, nk)        as the forward; scratch dq (bq, D).
   dk, dv    grid (B, K, nk, group, nq) kv block j stays, the group's q heads and q blocks stream;
                                        scratch dk, dv (bk, D): the GQA sum stays in-kernel.
 
+The backward works on transposed scores s^T = k q^T (bk, bq), so lse and delta broadcast as rows.
+
 The last grid dimensions are "arbitrary" (sequential, accumulating); the others "parallel".
 Blocks obey the TPU (8, 128) tiling for f32 and bf16: values (block, head_dim) with head_dim the
-whole dimension; segment ids as a (block_q, 1) column (B, Lq, 1) and a (1, block_k) row
-(B, 1, Lk) with block_k a multiple of 128; lse and delta as (block_q, 1) columns (B, H, Lq, 1).
+whole dimension; segment ids as (1, block) rows of (B, 1, L) and lse, delta as (1, block_q) rows
+of (B, H, 1, Lq), blocks multiples of 128. Rows keep these arrays lane-dense in HBM (a trailing
+dimension of 1 would be padded to 128 lanes); a kernel needing a column transposes in VMEM.
 
 Skipping: a (q block, kv block) pair with no visible pair of positions (causal, sliding window,
 disjoint segment-id ranges) runs no arithmetic (`pl.when`), and for causal/window the index map
@@ -44,7 +48,7 @@ def _scalar_args(t: Tiling, offsets, q_seg, kv_seg, bq: int, bk: int):
   """Scalar-prefetch operands: the (2,) offsets, then per-block segment-id ranges."""
   if not t.has_segments:
     return [offsets]
-  return [offsets, *segment_block_ranges(q_seg[:, :, 0], bq),
+  return [offsets, *segment_block_ranges(q_seg[:, 0, :], bq),
           *segment_block_ranges(kv_seg[:, 0, :], bk)]
 
 
@@ -77,11 +81,9 @@ def _q_index(t: Tiling, scalars, i, j, bq: int, bk: int):
   return clamp_index(i, lo, hi, nq)
 
 
-def _mask_for(t: Tiling, scalars, i, j, bq, bk, qseg_ref, kseg_ref):
-  offsets = scalars[0]
-  q_seg = None if qseg_ref is None else qseg_ref[...]
-  k_seg = None if kseg_ref is None else kseg_ref[...]
-  return block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bq, bk), q_seg, k_seg)
+def _column(row):
+  """(1, n) -> (n, 1) in VMEM, through an aligned (128, n) -> (n, 128) transpose."""
+  return jnp.broadcast_to(row, (128, row.shape[1])).T[:, :1]
 
 
 def _unpack(t: Tiling, refs, num_scalars: int, num_rest_inputs: int):
@@ -112,34 +114,41 @@ def _fwd_kernel(*refs, t: Tiling, num_scalars: int):
   def _step():
     v = v_ref[...]
     s = dot(q_ref[...], k_ref[...], 1, 1) * t.scale  # (bq, bk) float32
-    mask = _mask_for(t, scalars, i, j, bq, bk, qseg_ref, kseg_ref)
+    offsets = scalars[0]
+    segs = (None, None) if qseg_ref is None else (_column(qseg_ref[...]), kseg_ref[...])
+    mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bq, bk), *segs)
     if mask is not None:
       s = jnp.where(mask, s, NEG_INF)
-    m = m_scr[...]
+    m = m_scr[...][:, :1]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # nothing visible yet
     p = jnp.exp(s - m_safe)
     corr = jnp.exp(m - m_safe)
-    l_scr[...] = corr * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
+    l_new = corr * l_scr[...][:, :1] + jnp.sum(p, axis=1, keepdims=True)
     acc_scr[...] = corr * acc_scr[...] + dot(p.astype(v.dtype), v, 1, 0)
-    m_scr[...] = m_new
+    m_scr[...] = jnp.broadcast_to(m_new, m_scr.shape)
+    l_scr[...] = jnp.broadcast_to(l_new, l_scr.shape)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     l = l_scr[...]
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc_scr[...] * (1.0 / l_safe)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m_scr[...] + jnp.log(l_safe))
+    o_ref[...] = (acc_scr[...] * (1.0 / l_safe[:, :1])).astype(o_ref.dtype)
+    lse = jnp.where(empty, jnp.inf, m_scr[...] + jnp.log(l_safe))  # (bq, 128), lanes equal
+    lse_ref[...] = lse.T[:1, :]
 
 
 def _probs_and_dscores(t, scalars, i, j, bq, bk, q, k, v, do, lse, delta, qseg_ref, kseg_ref):
-  """p = exp(s - lse) (masked) and ds = p * (do v^T - delta), both (bq, bk) float32."""
-  p = jnp.exp(dot(q, k, 1, 1) * t.scale - lse)
-  mask = _mask_for(t, scalars, i, j, bq, bk, qseg_ref, kseg_ref)
+  """Transposed p^T = exp(s^T - lse) (masked) and ds^T = p^T (v do^T - delta), (bk, bq)."""
+  p = jnp.exp(dot(k, q, 1, 1) * t.scale - lse)
+  offsets = scalars[0]
+  segs = (None, None) if qseg_ref is None else (qseg_ref[...], _column(kseg_ref[...]))
+  mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bk, bq), *segs,
+                    transposed=True)
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
-  return p, p * (dot(do, v, 1, 1) - delta)
+  return p, p * (dot(v, do, 1, 1) - delta)
 
 
 def _dq_kernel(*refs, t: Tiling, num_scalars: int):
@@ -159,7 +168,7 @@ def _dq_kernel(*refs, t: Tiling, num_scalars: int):
     k = k_ref[...]
     _, ds = _probs_and_dscores(t, scalars, i, j, bq, bk, q_ref[...], k, v_ref[...], do_ref[...],
                                lse_ref[...], delta_ref[...], qseg_ref, kseg_ref)
-    dq_scr[...] += dot(ds.astype(k.dtype), k, 1, 0)
+    dq_scr[...] += dot(ds.astype(k.dtype), k, 0, 0)  # ds k
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -184,8 +193,8 @@ def _dkv_kernel(*refs, t: Tiling, num_scalars: int):
     q, do = q_ref[...], do_ref[...]
     p, ds = _probs_and_dscores(t, scalars, i, j, bq, bk, q, k_ref[...], v_ref[...], do,
                                lse_ref[...], delta_ref[...], qseg_ref, kseg_ref)
-    dv_scr[...] += dot(p.astype(do.dtype), do, 0, 0)  # p^T do
-    dk_scr[...] += dot(ds.astype(q.dtype), q, 0, 0)  # ds^T q
+    dv_scr[...] += dot(p.astype(do.dtype), do, 1, 0)  # p^T do
+    dk_scr[...] += dot(ds.astype(q.dtype), q, 1, 0)  # ds^T q
 
   @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
   def _finish():
@@ -210,13 +219,13 @@ def _call(t: Tiling, kernel, *, grid, in_specs, out_specs, out_shape, scratch, s
 
 
 def _seg_specs(q_index, kv_index, bq: int, bk: int):
-  """Segment ids: a (bq, 1) column of (B, Lq, 1) and a (1, bk) row of (B, 1, Lk)."""
-  return [pl.BlockSpec((_S, bq, 1), lambda *a: (a[0], q_index(*a), 0)),
+  """Segment ids: (1, bq) and (1, bk) rows of (B, 1, Lq) and (B, 1, Lk)."""
+  return [pl.BlockSpec((_S, 1, bq), lambda *a: (a[0], 0, q_index(*a))),
           pl.BlockSpec((_S, 1, bk), lambda *a: (a[0], 0, kv_index(*a)))]
 
 
 def forward(t: Tiling, q, k, v, q_seg, kv_seg, offsets):
-  """(o (B, H, Lq, D), lse (B, H, Lq, 1) float32) on padded BHLD inputs."""
+  """(o (B, H, Lq, D), lse (B, H, 1, Lq) float32) on padded BHLD inputs."""
   batch, num_heads, _, head_dim = q.shape
   bq, bk, g = t.block_q, t.block_k, t.group
   scalars = _scalar_args(t, offsets, q_seg, kv_seg, bq, bk)
@@ -229,18 +238,18 @@ def forward(t: Tiling, q, k, v, q_seg, kv_seg, offsets):
   if t.has_segments:
     in_specs += _seg_specs(q_idx, kv_idx, bq, bk)
     args += [q_seg, kv_seg]
-  row_spec = pl.BlockSpec((_S, _S, bq, 1), lambda b, h, i, j, *s: (b, h, i, 0))
+  row_spec = pl.BlockSpec((_S, _S, 1, bq), lambda b, h, i, j, *s: (b, h, 0, i))
   return _call(
       t, _fwd_kernel, grid=(batch, num_heads, t.q_len_pad // bq, t.kv_len_pad // bk),
       in_specs=in_specs, out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct(q.shape[:3] + (1,), jnp.float32)],
-      scratch=[(bq, 1), (bq, 1), (bq, head_dim)], scalars=scalars, args=args,
+                 jax.ShapeDtypeStruct((batch, num_heads, 1, q.shape[2]), jnp.float32)],
+      scratch=[(bq, 128), (bq, 128), (bq, head_dim)], scalars=scalars, args=args,
       semantics=('parallel', 'parallel', 'parallel', 'arbitrary'), name='flash_attention_fwd')
 
 
 def backward(t: Tiling, q, k, v, q_seg, kv_seg, offsets, do, lse, delta):
-  """(dq, dk, dv) on padded BHLD inputs; `delta` = rowsum(o * do) - dlse, (B, H, Lq, 1)."""
+  """(dq, dk, dv) on padded BHLD inputs; `delta` = rowsum(o * do) - dlse, (B, H, 1, Lq)."""
   batch, num_heads, _, head_dim = q.shape
   num_kv_heads = k.shape[1]
   bq, bk, g = t.block_q_bwd, t.block_k_bwd, t.group
@@ -252,7 +261,7 @@ def backward(t: Tiling, q, k, v, q_seg, kv_seg, offsets, do, lse, delta):
   q_spec = pl.BlockSpec((_S, _S, bq, head_dim), lambda b, h, i, j, *s: (b, h, i, 0))
   kv_spec = pl.BlockSpec((_S, _S, bk, head_dim),
                          lambda b, h, i, j, *s: (b, h // g, kv_idx(b, h, i, j, *s), 0))
-  row_spec = pl.BlockSpec((_S, _S, bq, 1), lambda b, h, i, j, *s: (b, h, i, 0))
+  row_spec = pl.BlockSpec((_S, _S, 1, bq), lambda b, h, i, j, *s: (b, h, 0, i))
   in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
   if t.has_segments:
     in_specs += _seg_specs(lambda b, h, i, j, *s: i, kv_idx, bq, bk)
@@ -269,9 +278,9 @@ def backward(t: Tiling, q, k, v, q_seg, kv_seg, offsets, do, lse, delta):
   q_idx = lambda b, h, j, gi, i, *s: _q_index(t, s, i, j, bq, bk)
   qh_spec = pl.BlockSpec((_S, _S, bq, head_dim),
                          lambda b, h, j, gi, i, *s: (b, h * g + gi, q_idx(b, h, j, gi, i, *s), 0))
-  rowh_spec = pl.BlockSpec((_S, _S, bq, 1),
-                           lambda b, h, j, gi, i, *s: (b, h * g + gi, q_idx(b, h, j, gi, i, *s),
-                                                       0))
+  rowh_spec = pl.BlockSpec((_S, _S, 1, bq),
+                           lambda b, h, j, gi, i, *s: (b, h * g + gi, 0,
+                                                       q_idx(b, h, j, gi, i, *s)))
   kvj_spec = pl.BlockSpec((_S, _S, bk, head_dim), lambda b, h, j, gi, i, *s: (b, h, j, 0))
   in_specs, args = [qh_spec, kvj_spec, kvj_spec], [q, k, v]
   if t.has_segments:
@@ -302,7 +311,7 @@ def _attend_fwd(t, q, k, v, q_seg, kv_seg, offsets):
 def _attend_bwd(t, res, cotangents):
   q, k, v, q_seg, kv_seg, offsets, o, lse = res
   do, dlse = cotangents
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, None, :]
   delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
   dq, dk, dv = backward(t, q, k, v, q_seg, kv_seg, offsets, do.astype(q.dtype), lse, delta)
   return dq, dk, dv, None, None, None
@@ -312,21 +321,19 @@ attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def vmem_bytes_per_program(t: Tiling, head_dim: int, itemsize: int) -> dict:
-  """VMEM of one program from the block shapes: double-buffered blocks plus float32 scratch.
-
-  Columns of width 1 occupy a whole 128-lane tile row. Does not depend on the lengths.
-  """
-  lane = lambda n: max(n, 128)
-  def blocks(*shapes_items):
-    return sum(2 * rows * lane(cols) * size for rows, cols, size in shapes_items)
-  bq, bk, d = t.block_q, t.block_k, head_dim
-  seg = [(bq, 1, 4), (8, bk, 4)] if t.has_segments else []
+  """VMEM of one program from the block shapes: double-buffered input/output blocks plus the
+  float32 scratch, tiles padded to (8, 128). Independent of the sequence length."""
+  tile = lambda rows, cols: max(rows, 8) * max(cols, 128)
+  blocks = lambda *shapes: sum(2 * tile(rows, cols) * size for rows, cols, size in shapes)
+  d = head_dim
+  bq, bk = t.block_q, t.block_k
+  seg = [(1, bq, 4), (1, bk, 4)] if t.has_segments else []
   fwd = blocks((bq, d, itemsize), (bk, d, itemsize), (bk, d, itemsize), (bq, d, itemsize),
-               (bq, 1, 4), *seg) + 4 * (2 * bq * 128 + bq * lane(d))
+               (1, bq, 4), *seg) + 4 * (2 * tile(bq, 128) + tile(bq, d))
   bq, bk = t.block_q_bwd, t.block_k_bwd
-  seg = [(bq, 1, 4), (8, bk, 4)] if t.has_segments else []
-  io = [(bq, d, itemsize), (bk, d, itemsize), (bk, d, itemsize), (bq, d, itemsize),
-        (bq, 1, 4), (bq, 1, 4), *seg]
-  dq = blocks(*io, (bq, d, itemsize)) + 4 * bq * lane(d)
-  dkv = blocks(*io, (bk, d, itemsize), (bk, d, itemsize)) + 4 * 2 * bk * lane(d)
+  seg = [(1, bq, 4), (1, bk, 4)] if t.has_segments else []
+  inputs = [(bq, d, itemsize), (bk, d, itemsize), (bk, d, itemsize), (bq, d, itemsize),
+            (1, bq, 4), (1, bq, 4), *seg]
+  dq = blocks(*inputs, (bq, d, itemsize)) + 4 * tile(bq, d)
+  dkv = blocks(*inputs, (bk, d, itemsize), (bk, d, itemsize)) + 4 * 2 * tile(bk, d)
   return {'forward': fwd, 'backward_dq': dq, 'backward_dkv': dkv}
