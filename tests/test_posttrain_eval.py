@@ -82,7 +82,8 @@ def test_dpo_held_out_implicit_rewards_and_log_probs(tmp_path, loss_type):
   reference = params_lib.reference_params(task, params)
   logps = {(who, side): np.concatenate([
       _target_logps(task.model, p, b, f'{side}_').sum(1) for b in batches])
-           for who, p in (('policy', policy), ('ref', reference)) for side in ('chosen', 'rejected')}
+           for who, p in (('policy', policy), ('ref', reference))
+           for side in ('chosen', 'rejected')}
   beta = config.post.beta
   rc = beta * (logps['policy', 'chosen'] - logps['ref', 'chosen'])
   rr = beta * (logps['policy', 'rejected'] - logps['ref', 'rejected'])

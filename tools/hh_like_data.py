@@ -1,8 +1,8 @@
 """Writes an Anthropic HH-RLHF-shaped preference file: only `chosen` / `rejected` full dialogues
-("\\n\\nHuman: ... \\n\\nAssistant: ..."), several long turns, the two sharing every turn but the last
-reply, gzip-compressed like the downloaded file. Replies carry a learnable signal: a chosen reply
-opens helpfully, a rejected one dismissively (and about a third of the pairs open with the same
-words, as real pairs often do, so cutting a reply's end can make the two identical).
+("\\n\\nHuman: ... \\n\\nAssistant: ..."), several long turns, the two sharing every turn but
+the last reply, gzip-compressed like the downloaded file. Replies carry a learnable signal: a
+chosen reply opens helpfully, a rejected one dismissively (and about a third of the pairs open
+with the same words, as real pairs often do, so cutting a reply's end can make the two identical).
 
     python tools/hh_like_data.py OUT.jsonl.gz [--pairs 2000] [--seed 0]
 

@@ -16,7 +16,7 @@ Truncation (`truncate`), for a row of `row_len` tokens: nothing is cut from an e
 Otherwise, first the prompt is cut from the left to `post.max_prompt_length` tokens (0 = half a row;
 `[bos]` stays), then each response that still does not fit is cut at its end. A pair whose chosen
 and rejected responses are then identical, or an example with no trained token left, is dropped.
-`Report` counts every record: kept, prompt cut, response cut, dropped (and why), skipped bad records.
+`Report` counts every record: kept, prompt cut, response cut, dropped (and why), skipped as bad.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def max_prompt(config) -> int:
 
 
 def truncate(prompt, responses, row_len: int, max_prompt_length: int):
-  """(prompt, responses, prompt_cut, response_cut, drop_reason) in TRL's order (module docstring)."""
+  """(prompt, responses, prompt_cut, response_cut, drop_reason), cut in TRL's order (module
+  docstring)."""
   longest = max(len(r) for r, _ in responses)
   prompt_cut = response_cut = False
   if len(prompt) + longest > row_len and len(prompt) > max_prompt_length:
