@@ -13,6 +13,7 @@ import pytest
 from lmjax import evaluation as eval_lib
 from lmjax.cli import main as cli_main
 from lmjax.data import DataError
+from lmjax.evaluation.loglikelihood import Scorer
 from lmjax.inference.scoring import score_sequences
 from lmjax.models.transformer import ModelConfig, forward, init_params
 
@@ -121,31 +122,82 @@ def test_rouge_and_bleu_equal_the_libraries():
 def test_multiple_choice_against_independent_loglikelihoods():
   cfg, params = _model()
   tok = CharTokenizer(cfg.vocab_size)
-  items = [{'question': 'Q: 2+2=', 'choices': ['4', '5', 'four'], 'answer': 0},
-           {'question': 'colour?', 'choices': [' red', ' blue'], 'answer': 0},
-           {'question': 'x', 'choices': ['a', 'bb', 'ccc', 'd'], 'answer': 0}]
-  got = eval_lib.choice_loglikelihoods(cfg, params, tok, items, batch_size=3)
+  items = [eval_lib.to_item(r) for r in (
+      {'question': 'Q: 2+2=', 'choices': ['4', '5', 'four'], 'answer': 0},
+      {'question': 'colour?', 'choices': ['red', 'blue'], 'answer': 0},
+      {'question': 'x', 'choices': ['a', 'bb', 'ccc', 'd'], 'answer': 0})]
+  got = eval_lib.choice_loglikelihoods(Scorer(cfg, params, rows=3), tok, items)
   for item, scores in zip(items, got):
-    context = [tok.bos_id] + tok.encode(item['question'])
-    for choice, (ll, n) in zip(item['choices'], scores):
-      ref = _reference_logprobs(cfg, params, context + tok.encode(choice))[len(context) - 1:]
-      assert n == len(choice) and ll == pytest.approx(ref.sum(), abs=1e-4)
-  # force the answers: right for the first two items, wrong for the third
-  lls = [[ll for ll, _ in s] for s in got]
-  items[0]['answer'] = int(np.argmax(lls[0]))
-  items[1]['answer'] = int(np.argmax(lls[1]))
-  items[2]['answer'] = int(np.argmin(lls[2]))
-  assert eval_lib.choice_accuracy(items, got)['accuracy'] == pytest.approx(2 / 3)
+    context = [tok.bos_id] + tok.encode(item['contexts'][0])
+    for choice, ll in zip(item['choices'], scores):  # one token per character: " " + choice
+      ref = _reference_logprobs(cfg, params, context + tok.encode(' ' + choice))[len(context) - 1:]
+      assert ll == pytest.approx(ref.sum(), abs=1e-4)
 
 
-def test_choice_accuracy_normalisations():
-  items = [{'question': 'q', 'choices': ['ab', 'abcdefgh'], 'answer': 1}]
-  loglikelihoods = [[(-4.0, 2), (-5.0, 5)]]  # raw picks 0; per char -2 vs -0.625; per token -2 vs -1
-  got = eval_lib.choice_accuracy(items, loglikelihoods)
-  assert got == {'accuracy': 0.0, 'accuracy_per_char': 1.0, 'accuracy_per_token': 1.0,
-                 'questions': 1}
-  with pytest.raises(DataError, match='answer'):
+def test_choice_accuracy_per_subject_and_macro_by_hand():
+  """A 4-choice task with a known answer pattern: acc picks the highest log-likelihood, acc_norm
+  the highest per character of the choice; subjects average to the macro scores."""
+  choices = ['a', 'bbbb', 'cc', 'dddddddd']
+  items = [{'contexts': ['q'] * 4, 'choices': choices, 'label': label, 'subject': subject}
+           for label, subject in ((1, 'x'), (0, 'x'), (3, 'x'), (3, 'y'))]
+  lls = [[-1, -2, -3, -4],   # acc picks 0 (wrong); per char -1, -.5, -1.5, -.5: 1 (right)
+         [-1, -5, -5, -5],   # acc 0 (right); per char -1, -1.25, -2.5, -.625: 3 (wrong)
+         [-4, -6, -5, -4.5],  # acc 0 (wrong); per char -4, -1.5, -2.5, -.5625: 3 (right)
+         [-9, -9, -9, -1]]   # both 3 (right)
+  got = eval_lib.choice_accuracy(items, lls)
+  assert got['subjects'] == {'x': {'acc': 1 / 3, 'acc_norm': 2 / 3, 'questions': 3},
+                             'y': {'acc': 1.0, 'acc_norm': 1.0, 'questions': 1}}
+  assert (got['acc'], got['acc_norm'], got['questions']) == (0.5, 0.75, 4)
+  assert got['macro_acc'] == pytest.approx((1 / 3 + 1) / 2)
+  assert got['macro_acc_norm'] == pytest.approx((2 / 3 + 1) / 2)
+  with pytest.raises(DataError, match='label'):
     eval_lib.check_choice_item({'question': 'q', 'choices': ['a', 'b'], 'answer': 2})
+
+
+SCHEMA_RECORDS = {  # a native record of each schema -> its item (contexts, choices, label)
+    'mmlu': ({'question': '2+2?', 'choices': ['3', '4'], 'answer': 1, 'subject': 'math'},
+             ['2+2?\nA. 3\nB. 4\nAnswer:'] * 2, ['A', 'B'], 1, 'math'),
+    'hellaswag': ({'ctx': 'He opens the door', 'endings': ['and walks in.', 'and flies.'],
+                   'label': '0', 'activity_label': 'Home'},
+                  ['Home: He opens the door'] * 2, ['and walks in.', 'and flies.'], 0, ''),
+    'arc': ({'question': 'Sky?', 'choices': {'text': ['blue', 'red'], 'label': ['1', '2']},
+             'answerKey': '2'}, ['Question: Sky?\nAnswer:'] * 2, ['blue', 'red'], 1, ''),
+    'piqa': ({'goal': 'Open a jar', 'sol1': 'twist the lid', 'sol2': 'eat it', 'label': 0},
+             ['Question: Open a jar\nAnswer:'] * 2, ['twist the lid', 'eat it'], 0, ''),
+    'winogrande': ({'sentence': 'The cup fell because _ was slippery.', 'option1': 'the cup',
+                    'option2': 'the table', 'answer': '1'},
+                   ['The cup fell because the cup', 'The cup fell because the table'],
+                   ['was slippery.'] * 2, 0, ''),
+}
+
+
+def test_choice_schemas_field_mapping_and_fewshot(tmp_path):
+  from lmjax.data.fields import FieldMap
+  for schema, (record, contexts, choices, label, subject) in SCHEMA_RECORDS.items():
+    assert eval_lib.to_item(record, schema) == {'contexts': contexts, 'choices': choices,
+                                                'label': label, 'subject': subject}
+  # a user mapping on top of a schema: nested sources, the subject from another field
+  fields = FieldMap.parse('context=q.text,label=gold,subject=meta.0', eval_lib.choice.NAMES)
+  item = eval_lib.to_item({'q': {'text': 'Hi'}, 'choices': ['a', 'b'], 'gold': 'B',
+                           'meta': ['greet']}, 'lmjax', fields)
+  assert (item['contexts'], item['label'], item['subject']) == (['Hi', 'Hi'], 1, 'greet')
+  path = tmp_path / 'bad.jsonl'
+  path.write_text(json.dumps({'ctx': 'x', 'endings': ['a', 'b'], 'label': 0}) + '\n'
+                  + json.dumps({'context': 'x', 'endings': ['a', 'b']}) + '\n')
+  with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'ctx'"):
+    eval_lib.read_choice_items(str(path), 'hellaswag')
+
+  items = [{'contexts': [f'q{i}'] * 2, 'choices': [f'a{i}', f'b{i}'], 'label': i % 2,
+            'subject': ''} for i in range(6)]
+  shots = eval_lib.with_fewshot(items, 2, seed=7)
+  assert shots == eval_lib.with_fewshot(items, 2, seed=7)  # the same draw for the same seed
+  for i, item in enumerate(shots):
+    prefix = item['contexts'][0][:-len(f'q{i}')]
+    examples = prefix.split('\n\n')[:-1]
+    assert item['contexts'] == [prefix + f'q{i}'] * 2 and len(examples) == 2
+    for example in examples:  # solved examples of other items: context, space, right choice
+      j = int(example[1])
+      assert j != i and example == f'q{j} {items[j]["choices"][j % 2]}'
 
 
 # ---- the CLI on a tiny trained workdir ----
@@ -222,9 +274,8 @@ def test_cli_eval_writes_eval_json_and_metrics(workdir, tmp_path):
   assert result['bytes'] == sum(len(r['text'].encode()) for r in _read_jsonl(source))
   assert result['bits_per_byte'] == pytest.approx(
       result['loss'] * result['tokens'] / math.log(2) / result['bytes'])
-  for key in ('rouge1', 'rouge2', 'rougeL', 'bleu', 'mc_accuracy', 'mc_accuracy_per_char',
-              'mc_accuracy_per_token'):
-    assert key in result
+  for key in ('rouge1', 'rouge2', 'rougeL', 'bleu', 'mc_acc', 'mc_acc_norm', 'mc_macro_acc'):
+    assert 0 <= result[key] <= 100
   last = _read_jsonl(os.path.join(workdir, 'metrics.jsonl'))[-1]
   assert last['split'] == 'eval' and last['step'] == 4
   assert last['bits_per_byte'] == result['bits_per_byte']

@@ -223,3 +223,191 @@ def test_continuation_tokens_match_lm_eval_hf_backend_on_sentencepiece(lm, tmp_p
   assert ours == theirs
   assert theirs[0][0][0] == lm.tokenizer_.bos_id and theirs[3][0] == [lm.tokenizer_.bos_id]
   assert theirs[1][1] == hf.tokenizer.encode(' no', add_special_tokens=False)  # space moved
+
+
+# ---- local tasks, end to end (offline: JSONL and YAML written here) ----
+
+DOCS = {
+    'toy_a': [('What is 2 + 2?', ['4', 'five', 'a large number', '22'], 0),
+              ('Which is a colour?', ['blue', 'x', 'the sound of rain', 'seven'], 1),
+              ('Pick the café', ['café', 'tea', 'a glass of water', 'no'], 2)],
+    'toy_b': [('def f(x): return', ['x', 'None', 'x + 1 if x else 0', 'pass'], 3),
+              ('import', ['os', 'sys', 'numpy as np', 'this'], 0)],
+}
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+fewshot_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: answer
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+GROUP_YAML = """group: toy_group
+task: [toy_a, toy_b]
+aggregate_metric_list:
+  - metric: acc
+    weight_by_size: true
+  - metric: acc_norm
+    weight_by_size: true
+"""
+
+
+@pytest.fixture(scope='module')
+def tasks_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('harness_tasks')
+  for name, docs in DOCS.items():
+    data = directory / f'{name}.jsonl'
+    data.write_text(''.join(json.dumps({'question': q, 'choices': c, 'answer': a}) + '\n'
+                            for q, c, a in docs))
+    (directory / f'{name}.yaml').write_text(TASK_YAML.format(name=name, data=data))
+  (directory / 'toy_missing.yaml').write_text(
+      TASK_YAML.format(name='toy_missing', data=directory / 'absent.jsonl'))
+  (directory / 'toy_group.yaml').write_text(GROUP_YAML)
+  return str(directory)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+
+
+def expected_accuracies(lm) -> dict:
+  """acc and acc_norm (log-likelihood per character of the choice) of each task and of the
+  group (weighted by size), from independent log-likelihoods, zero-shot."""
+  tok, out, totals = lm.tokenizer_, {}, np.zeros(2)
+  for name, docs in DOCS.items():
+    hits = np.zeros(2)
+    for question, choices, answer in docs:
+      lls = []
+      for choice in choices:
+        whole, n = split_tokens(tok, f'Q: {question}\nA:', ' ' + choice)
+        lls.append(reference_logprobs(lm, whole)[0][-n:].sum())
+      lls, lengths = np.asarray(lls), np.asarray([len(c) for c in choices], np.float64)
+      hits += [np.argmax(lls) == answer, np.argmax(lls / lengths) == answer]
+    out[name] = hits / len(docs)
+    totals += hits
+  out['toy_group'] = totals / sum(len(d) for d in DOCS.values())
+  return out
+
+
+def test_simple_evaluate_acc_acc_norm_and_group_equal_hand_computed(lm, workdir, tasks_dir,
+                                                                     offline):
+  from lm_eval import simple_evaluate
+  from lm_eval.tasks import TaskManager
+  del offline
+  model = harness.LmjaxLM(workdir=workdir, batch_size=4)
+  out = simple_evaluate(model=model, tasks=['toy_group'], num_fewshot=0, bootstrap_iters=0,
+                        task_manager=TaskManager(include_path=tasks_dir, include_defaults=False))
+  expected = expected_accuracies(lm)
+  flat = harness.flat_metrics(out)
+  for name, (acc, acc_norm) in expected.items():
+    assert flat[f'{name}/acc'] == pytest.approx(acc)
+    assert flat[f'{name}/acc_norm'] == pytest.approx(acc_norm)
+  assert len({tuple(v) for v in expected.values()}) > 1  # not a degenerate pattern
+
+
+def test_lm_eval_cli_and_lmjax_eval_tasks(lm, workdir, tasks_dir, offline, tmp_path):
+  expected = expected_accuracies(lm)
+  out = tmp_path / 'lm_eval_out'
+  assert cli_main(['lm-eval', '--model', 'lmjax', '--model_args', f'workdir={workdir}',
+                   '--tasks', 'toy_group', '--include_path', tasks_dir, '--num_fewshot', '0',
+                   '--batch_size', '4', '--output_path', str(out)]) == 0
+  [path] = list(out.rglob('results_*.json'))
+  flat = harness.flat_metrics(json.loads(path.read_text()))
+  for name, (acc, acc_norm) in expected.items():
+    assert (flat[f'{name}/acc'], flat[f'{name}/acc_norm']) == pytest.approx((acc, acc_norm))
+
+  assert cli_main(['eval', f'--workdir={workdir}', '--tasks=toy_a,toy_b',
+                   f'--include_path={tasks_dir}', '--num_fewshot=0', '--log_samples',
+                   '--batch_size=4']) == 0
+  with open(f'{workdir}/eval.json', encoding='utf-8') as f:
+    result = json.load(f)
+  for name in DOCS:
+    assert result[f'harness/{name}/acc'] == pytest.approx(expected[name][0])
+    assert result[f'harness/{name}/acc_norm'] == pytest.approx(expected[name][1])
+    with open(f'{workdir}/eval_samples/{name}.jsonl', encoding='utf-8') as f:
+      assert len(f.readlines()) == len(DOCS[name])
+  with open(f'{workdir}/metrics.jsonl', encoding='utf-8') as f:
+    last = json.loads(f.readlines()[-1])
+  assert last['split'] == 'eval' and last['harness/toy_a/acc'] == result['harness/toy_a/acc']
+
+
+class AsciiTokenizer:
+  """One token per ASCII character; anything else is the unknown token."""
+  pad_id, unk_id, bos_id, eos_id, path = 0, 1, 2, 3, ''
+
+  def encode(self, text):
+    return [4 + ord(c) if ord(c) < 128 else self.unk_id for c in text]
+
+  def decode(self, ids):
+    return ''.join(chr(i - 4) for i in ids if i >= 4)
+
+
+def test_bad_input_names_the_task(lm, workdir, tasks_dir, offline, capsys):
+  assert cli_main(['eval', f'--workdir={workdir}', '--tasks=toy_a,nope',
+                   f'--include_path={tasks_dir}']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "unknown task 'nope'" in err
+
+  assert cli_main(['eval', f'--workdir={workdir}', '--tasks=toy_missing',
+                   f'--include_path={tasks_dir}']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "task 'toy_missing'" in err and 'absent.jsonl' in err
+  assert 'missing offline' in err
+
+  ascii_lm = harness.LmjaxLM.from_params(lm.model_cfg, lm.params, AsciiTokenizer(), batch_size=4)
+  with pytest.raises(harness.HarnessInputError, match=r"task 'toy_a' .*cannot encode 'é'"):
+    harness.run_tasks(ascii_lm, ['toy_a'], include_path=tasks_dir)
+
+
+def test_harness_tasks_during_training_equal_the_saved_checkpoint(tasks_dir, offline, tmp_path):
+  from lmjax.train.loop import train
+  config = load_config('tiny')
+  config.steps, config.eval_every, config.checkpoint_every, config.log_every = 2, 100, 2, 1
+  config.optimizer.warmup_steps, config.model.max_seq_len = 1, MAX_LEN
+  config.eval.harness_tasks, config.eval.harness_every = 'toy_a', 1
+  config.eval.harness_include_path, config.eval.harness_batch_size = tasks_dir, 4
+  workdir = str(tmp_path / 'run')
+  train(config, workdir)
+  with open(f'{workdir}/metrics.jsonl', encoding='utf-8') as f:
+    logged = [r for r in map(json.loads, f) if r['split'] == 'harness']
+  assert [r['step'] for r in logged] == [1, 2]
+  saved = harness.run_tasks(harness.LmjaxLM(workdir=workdir, batch_size=4), ['toy_a'],
+                            include_path=tasks_dir, bootstrap_iters=0)
+  final = harness.flat_metrics(saved)
+  assert logged[-1]['toy_a/acc'] == final['toy_a/acc']
+  assert logged[-1]['toy_a/acc_norm'] == final['toy_a/acc_norm']
+  events = b''.join(p.read_bytes() for p in (tmp_path / 'run' / 'tb').rglob('events.*'))
+  assert b'harness/toy_a/acc_norm' in events
+
+
+def test_builtin_multiple_choice_equals_hand_computed_without_the_harness(lm, workdir, tmp_path):
+  """`lmjax eval --choices_file` (no lm-eval) on the same questions, under other field names
+  (mapped with --choices_fields), subjects from a field: the same acc / acc_norm per subject."""
+  expected = expected_accuracies(lm)
+  path = tmp_path / 'mc.jsonl'
+  path.write_text(''.join(
+      json.dumps({'q': f'Q: {q}\nA:', 'options': c, 'gold': a, 'meta': {'task': name}}) + '\n'
+      for name, docs in DOCS.items() for q, c, a in docs))
+  assert cli_main(['eval', f'--workdir={workdir}', f'--choices_file={path}', '--no_perplexity',
+                   '--choices_fields=context=q,choices=options,label=gold,subject=meta.task',
+                   '--batch_size=4']) == 0
+  with open(f'{workdir}/eval.json', encoding='utf-8') as f:
+    result = json.load(f)
+  assert (result['mc_acc'], result['mc_acc_norm']) == pytest.approx(tuple(expected['toy_group']))
+  for name in DOCS:
+    subject = result['mc_subjects'][name]
+    assert (subject['acc'], subject['acc_norm']) == pytest.approx(tuple(expected[name]))
+  assert result['mc_macro_acc'] == pytest.approx((expected['toy_a'][0] + expected['toy_b'][0]) / 2)

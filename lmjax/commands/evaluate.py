@@ -8,8 +8,10 @@ step of the evaluated checkpoint). See `lmjax.evaluation` for the definitions.
                     workdir's held-out split
   --generation_file JSONL of {"prompt", "reference"}: ROUGE-1/2/L (mean F, rouge-score) and BLEU
                     (corpus, sacrebleu) of the completions (decoding flags as in `lmjax sample`)
-  --choices_file    JSONL of {"question", "choices": [...], "answer": index}: accuracy of the
-                    most likely choice, raw, per character and per token
+  --choices_file    JSONL multiple choice (`--choices_schema`: lmjax {"question", "choices",
+                    "answer"}, mmlu, hellaswag, arc, piqa, winogrande; `--choices_fields
+                    NAME=SOURCE,...` renames fields), `--num_fewshot` examples drawn with
+                    `--seed`: acc, acc_norm (per character), per subject and macro
   --tasks           lm-evaluation-harness tasks or groups (needs the [eval] extra), e.g.
                     hellaswag,arc_easy,mmlu, with --num_fewshot, --limit, --log_samples and
                     --include_path (a directory of local task YAMLs); perplexity then runs only
@@ -33,9 +35,15 @@ def add_arguments(parser) -> None:
                       help='tokens predicted per window (default: the config\'s seq_len)')
   parser.add_argument('--no_perplexity', action='store_true', help='skip perplexity/bits per byte')
   parser.add_argument('--generation_file', help='JSONL with "prompt" and "reference" per line')
-  parser.add_argument('--choices_file', help='JSONL with "question", "choices", "answer"')
+  parser.add_argument('--choices_file', help='JSONL multiple choice (see --choices_schema)')
+  parser.add_argument('--choices_schema', default='lmjax',
+                      choices=('lmjax', 'mmlu', 'hellaswag', 'arc', 'piqa', 'winogrande'),
+                      help='the records\' layout (lmjax: "question", "choices", "answer")')
+  parser.add_argument('--choices_fields', default='',
+                      help='field mapping NAME=SOURCE,... over context, choices, label, subject')
   parser.add_argument('--tasks', help='lm-eval tasks / groups, comma-separated')
-  parser.add_argument('--num_fewshot', type=int, help='few-shot examples per prompt (lm-eval)')
+  parser.add_argument('--num_fewshot', type=int,
+                      help='few-shot examples per prompt (lm-eval tasks, --choices_file)')
   parser.add_argument('--limit', type=float,
                       help='documents per task (a fraction if < 1); default all')
   parser.add_argument('--log_samples', action='store_true',
@@ -60,7 +68,9 @@ def run(args) -> int:
         args.workdir, config, source=args.source, max_documents=args.max_documents,
         window=args.window, perplexity=not args.no_perplexity and (not args.tasks or args.source),
         generation_file=args.generation_file, choices_file=args.choices_file, flags=args,
-        seed=args.seed, batch_size=args.batch_size, harness=harness)
+        seed=args.seed, batch_size=args.batch_size, harness=harness,
+        choices_schema=args.choices_schema, choices_fields=args.choices_fields,
+        num_fewshot=args.num_fewshot or 0)
   except DataError as e:
     raise ConfigError(str(e)) from None
   print_json(results)

@@ -43,6 +43,19 @@ def bucket_width(length: int, buckets: tuple[int, ...]) -> int:
   raise ValueError(f'{length} tokens exceed the largest bucket ({buckets[-1]})')
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """(context tokens, continuation tokens) as lm-eval's Hugging Face backend splits them: the
+  context's trailing spaces move to the continuation, `[bos] + encode(context + continuation)` is
+  encoded once and split after the context's own tokens; an empty context is `[bos]`."""
+  if not context:
+    return [tokenizer.bos_id], list(tokenizer.encode(continuation))
+  stripped = context.rstrip()
+  context, continuation = stripped, context[len(stripped):] + continuation
+  whole = [tokenizer.bos_id] + list(tokenizer.encode(context + continuation))
+  n = 1 + len(tokenizer.encode(context))
+  return whole[:n], whole[n:]
+
+
 @functools.partial(jax.jit, static_argnames=('model_cfg',))
 def token_scores(model_cfg: ModelConfig, params, inputs_BL, targets_BL, segments_BL):
   """(log p(target | inputs up to it), whether the target is the argmax), both (B, L)."""

@@ -14,8 +14,10 @@ from lmjax import data as data_lib
 from lmjax.data import pipeline, sources as sources_lib
 from lmjax.data.jsonl import read_jsonl
 from lmjax.data.sources import DataError
-from lmjax.evaluation.choice import check_choice_item, choice_accuracy, choice_loglikelihoods
+from lmjax.evaluation.choice import (choice_accuracy, choice_loglikelihoods, read_choice_items,
+                                     with_fewshot)
 from lmjax.evaluation.generation import check_generation_record, generation_metrics
+from lmjax.evaluation.loglikelihood import Scorer
 from lmjax.evaluation.loss import text_perplexity
 from lmjax.inference.complete import complete, sampling_config
 
@@ -49,7 +51,9 @@ def evaluate_workdir(workdir: str, config, *, source: str | None = None,
                      max_documents: int | None = None, window: int | None = None,
                      perplexity: bool = True, generation_file: str | None = None,
                      choices_file: str | None = None, flags=None, seed: int = 0,
-                     batch_size: int = 32, harness: dict | None = None) -> dict:
+                     batch_size: int = 32, harness: dict | None = None,
+                     choices_schema: str = 'lmjax', choices_fields: str = '',
+                     num_fewshot: int = 0) -> dict:
   """Evaluates the workdir's model and records the results; returns {'step', **results}.
 
   perplexity: loss, perplexity and bits per byte of the held-out split of the workdir's data (or
@@ -57,8 +61,10 @@ def evaluate_workdir(workdir: str, config, *, source: str | None = None,
     `window` tokens (default: config.seq_len).
   generation_file: JSONL of {"prompt", "reference"}: ROUGE-1/2/L and BLEU of the completions,
     decoded per `sampling_config(config, tokenizer, flags)`.
-  choices_file: JSONL of {"question", "choices", "answer"}: accuracy of the most likely choice
-    (keys prefixed with `mc_`).
+  choices_file: JSONL multiple choice in `choices_schema` (lmjax, mmlu, hellaswag, arc, piqa,
+    winogrande; fields renamed by `choices_fields`, 'NAME=SOURCE,...'), `num_fewshot` solved
+    examples drawn with `seed` before each question: acc, acc_norm, per subject and macro (keys
+    prefixed with `mc_`; `lmjax.evaluation.choice`).
   harness: lm-evaluation-harness tasks, {'tasks': [names], 'num_fewshot', 'limit',
     'include_path', 'log_samples'} (`harness.run_tasks`; rows per batch: `batch_size`): lm-eval's
     results under 'harness', each metric as 'harness/TASK/METRIC'; logged samples go to
@@ -69,7 +75,8 @@ def evaluate_workdir(workdir: str, config, *, source: str | None = None,
   tokenizer = data_lib.load_or_train_tokenizer(config.data, config.model.vocab_size)
   generation = (read_jsonl(generation_file, encode=check_generation_record)
                 if generation_file else None)
-  choices = read_jsonl(choices_file, encode=check_choice_item) if choices_file else None
+  choices = (with_fewshot(read_choice_items(choices_file, choices_schema, choices_fields),
+                          num_fewshot or 0, seed) if choices_file else None)
   texts = evaluation_texts(config, source, max_documents) if perplexity else None
   model_cfg, params = load_model(workdir, config)
 
@@ -86,7 +93,7 @@ def evaluate_workdir(workdir: str, config, *, source: str | None = None,
                                  [r['reference'] for r in generation])
     results.update(metrics, generation_examples=len(generation))
   if choices is not None:
-    scores = choice_loglikelihoods(model_cfg, params, tokenizer, choices, batch_size)
+    scores = choice_loglikelihoods(Scorer(model_cfg, params, batch_size), tokenizer, choices)
     accuracy = choice_accuracy(choices, scores)
     results.update({f'mc_{key}': value for key, value in accuracy.items()})
   if harness:
