@@ -1,5 +1,9 @@
 """Benchmark attention implementations: naive XLA, the Pallas flash kernel, cuDNN.
 
+`time_attention(impl, seq_len, ...)` is the importable measurement (used by
+`tools/accelerator_check.py`): seconds of one forward+backward of causal
+attention on the local devices, impl in {'flash', 'cudnn', 'xla'}.
+
 Prints one row per (backend, seq_len, head_dim, GQA ratio): forward ms,
 forward+backward ms, achieved TFLOP/s for each, and peak memory of the compiled
 forward+backward program (from ``compiled.memory_analysis()``).
@@ -31,6 +35,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmjax.kernels.flash_attention import flash_attention  # noqa: E402
 
 
+IMPLS = ("flash", "cudnn", "xla")
+
+
+def time_attention(impl: str, seq_len: int, *, head_dim: int = 128,
+                   num_heads: int = 16, num_kv_heads: int = 16, batch: int = 1,
+                   dtype: str = "bfloat16", causal: bool = True,
+                   iters: int = 10) -> float:
+  """Median seconds of one jitted forward+backward (grads of q, k, v).
+
+  impl: 'flash' (lmjax's Pallas kernels on this host's backend: Mosaic on
+  TPU, Triton on GPU, the interpreter on CPU), 'cudnn'
+  (`jax.nn.dot_product_attention`, GPU only) or 'xla' (einsum + softmax).
+  Inputs are random normal (batch, seq_len, heads, head_dim) arrays.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: must be one of {', '.join(IMPLS)}")
+  args = argparse.Namespace(causal=int(causal), sliding_window=0,
+                            block_q=None, block_k=None, block_q_bwd=None,
+                            block_k_bwd=None, interpret=False)
+  fn = make_fn("pallas" if impl == "flash" else impl, args)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  dt = jnp.dtype(dtype)
+  q = jax.random.normal(keys[0], (batch, seq_len, num_heads, head_dim), dt)
+  k = jax.random.normal(keys[1], (batch, seq_len, num_kv_heads, head_dim), dt)
+  v = jax.random.normal(keys[2], k.shape, dt)
+  do = jax.random.normal(keys[3], q.shape, dt)
+
+  def fwd_bwd(q, k, v, do):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(do)
+
+  compiled = jax.jit(fwd_bwd).lower(q, k, v, do).compile()
+  return _time(compiled, (q, k, v, do), iters) * 1e-3
+
+
 def _ints(s: str) -> list[int]:
   return [int(x) for x in s.split(",") if x]
 
@@ -55,8 +94,8 @@ def parse_args(argv=None):
                  choices=["float32", "bfloat16"])
   p.add_argument("--causal", type=int, default=1)
   p.add_argument("--sliding_window", type=int, default=0)
-  p.add_argument("--block_q", type=int, default=128)
-  p.add_argument("--block_k", type=int, default=128)
+  p.add_argument("--block_q", type=int, default=None)
+  p.add_argument("--block_k", type=int, default=None)
   p.add_argument("--block_q_bwd", type=int, default=None)
   p.add_argument("--block_k_bwd", type=int, default=None)
   p.add_argument("--interpret", action="store_true",
@@ -96,7 +135,7 @@ def make_fn(backend: str, args):
         q, k, v, causal=bool(args.causal), sliding_window=args.sliding_window,
         block_q=args.block_q, block_k=args.block_k,
         block_q_bwd=args.block_q_bwd, block_k_bwd=args.block_k_bwd,
-        interpret=True if args.interpret else None)
+        interpret=True if args.interpret else None)  # else: the host's backend
   if backend == "cudnn":
     if args.sliding_window:
       return lambda q, k, v: jax.nn.dot_product_attention(
