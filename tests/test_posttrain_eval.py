@@ -106,3 +106,58 @@ def test_sft_held_out_response_loss_and_perplexity(tmp_path):
   np.testing.assert_allclose([final['loss'], final['perplexity'], final['tokens']],
                              [nll / tokens, np.exp(nll / tokens), tokens], rtol=2e-4)
   assert final['loss'] < evals[0]['loss']
+
+
+
+def test_ppo_held_out_greedy_reward_and_kl():
+  """PPO / GRPO's held-out eval (`PpoTask.evaluate`) on a policy moved away from its reference:
+  greedy completions decoded here one token at a time by full forward passes, their mean toy
+  reward, k1 KL to the reference and length."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from lmjax.train.state import init_state  # pylint: disable=g-import-not-at-top
+  config = load_config(os.path.join(ROOT, 'configs', 'ppo_tiny.py'))
+  apply_overrides(config, COMMON + ['eval_batches=1', 'post.kl_estimator=k1'])
+  tok = load_or_train_tokenizer(config.data, config.model.vocab_size)
+  task = tasks.from_config(config).bind(tok)
+  batches = task.make_eval_batches(config, tok)
+  assert len(batches) == 1 and batches[0]['prompt_tokens'].shape[0] == 8  # 12 held out
+  params = nn.unbox(init_state(task, task.optimizer(config)[0], 0).params)
+  leaves, treedef = jax.tree.flatten(params['trainable'])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params['trainable'] = jax.tree.unflatten(treedef, [
+      x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  policy, reference = task.decoding_params(params), params_lib.reference_params(task, params)
+  n, temperature = config.post.max_new_tokens, config.post.temperature
+  width = batches[0]['prompt_tokens'].shape[1] + n
+
+  def logps(p, seq):  # right-padded to one width: causal attention ignores the padding
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(seq)] = seq
+    logits = np.asarray(forward(task.model, p, padded, np.arange(width)[None],
+                                np.ones((1, width), np.int32))[0], np.float64) / temperature
+    return _log_softmax(logits)[:len(seq)]
+
+  rows, responses, kls, lengths = [], [], [], []
+  for b in batches:
+    for tokens, segments in zip(b['prompt_tokens'], b['prompt_segment_ids']):
+      seq = [int(t) for t, s in zip(tokens, segments) if s]
+      prompt_len = len(seq)
+      for _ in range(n):
+        seq.append(int(np.argmax(logps(policy, seq)[-1])))
+        if seq[-1] in task.stop_ids:
+          break
+      response = seq[prompt_len:]
+      lp, lr = logps(policy, seq), logps(reference, seq)
+      at = np.arange(prompt_len - 1, len(seq) - 1)
+      kls.append(np.sum(lp[at, response] - lr[at, response]))
+      rows.append(response)
+      responses.extend(response)
+      lengths.append(len(response))
+  config.post.toy_reward_token = max(set(responses), key=responses.count)  # a token it produces
+  task = tasks.from_config(config).bind(tok)
+  got = task.evaluate(None, params, batches)
+  scores = [sum(t == config.post.toy_reward_token for t in r) for r in rows]
+  np.testing.assert_allclose([got['score'], got['kl'], got['response_length'], got['prompts']],
+                             [np.mean(scores), np.mean(kls), np.mean(lengths), 8], atol=3e-4)
+  assert abs(got['kl']) > 0.01 and got['score'] > 0  # the policy is not its reference

@@ -89,6 +89,15 @@ class Encoder:
     r = self._text(reply) + [self.tok.eos_id]
     return [self.tok.bos_id] + self._text(prompt), (r, [1] * len(r))
 
+  def prompt(self, record) -> list[int]:
+    """The tokens a policy continues (PPO / GRPO): `[bos] prompt`, or the rendered `messages`
+    up to and including the assistant's generation header."""
+    record = self.fmap.apply(record)
+    prompt = self._prompt(record)
+    if isinstance(prompt, list):
+      return self._chat(prompt + [{'role': 'assistant', 'content': ''}], len(prompt))[0]
+    return [self.tok.bos_id] + self._text(prompt)
+
   def _prompt(self, record: dict):
     if 'messages' in record:
       return fields.require_messages(record, 'messages', self.fmap)
@@ -307,3 +316,29 @@ def load_examples(config, tok, encode) -> dict:
   _CACHE.clear()
   _CACHE[key] = out
   return out
+
+
+def load_prompts(config, tok) -> tuple[list, list]:
+  """(train, held-out) prompt tokens of `post.train_file` (held out as in `load_examples`), each
+  cut from the left to leave `post.max_new_tokens` of the row (`[bos]` kept)."""
+  from lmjax.data.records import read_records  # pylint: disable=g-import-not-at-top
+  post, encoder = config.post, make_encoder(config, tok)
+  keep = max(config.seq_len - post.max_new_tokens, 2)
+  records = read_records(post.train_file, 'post.train_file')
+  held = []
+  if post.eval_file:
+    held = read_records(post.eval_file, 'post.eval_file')
+  elif config.eval_batches > 0:
+    records, held = split_records(records, post.eval_fraction)
+
+  def encode(pairs):
+    out = []
+    for where, record in pairs:
+      try:
+        tokens = encoder.prompt(record)
+      except DataError as e:
+        raise DataError(f'{where}: {e}') from None
+      out.append(tokens if len(tokens) <= keep else tokens[:1] + tokens[len(tokens) - keep + 1:])
+    return out
+
+  return encode(records), encode(held)

@@ -13,8 +13,6 @@ def no_eval_reason(config) -> str:
     return (f'data.source {config.data.source!r} gave no held-out document (data.eval_fraction='
             f'{config.data.eval_fraction}; a source of a single document stays in training: '
             'split it into several files or JSON lines)')
-  if config.task == 'ppo':
-    return 'ppo and grpo report their rollouts (score, KL) instead'
   if config.post.eval_file:
     return f'post.eval_file {config.post.eval_file} gave no usable example'
   fraction = config.post.eval_fraction
@@ -39,7 +37,7 @@ def report_data(config, train_iter, eval_batches, verbose: bool = True) -> dict:
     rows = sum(len(next(iter(b.values()))) for b in eval_batches)
     metrics['data/eval_rows'] = rows
     source = ''
-    if config.task in ('sft', 'reward', 'dpo'):
+    if config.task in ('sft', 'reward', 'dpo', 'ppo'):
       source = f' from {config.post.eval_file or "a held-out share of post.train_file"}'
     lines.append(f'data: held-out evaluation on {len(eval_batches)} batches ({rows} rows '
                  f'on this process){source}, every {config.eval_every} steps')

@@ -135,8 +135,10 @@ class Task:
     loss = totals['nll'] / max(totals['weight'], 1.0)
     return {'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': totals['weight']}
 
-  def evaluate(self, eval_fn, params, batches, to_device=lambda batch: batch) -> dict:
-    """`eval_metrics` of the `eval_fn(params, batch)` sums added over `batches`."""
+  def evaluate(self, eval_fn, params, batches, to_device=lambda batch: batch, aux=None) -> dict:
+    """`eval_metrics` of the `eval_fn(params, batch)` sums added over `batches` (`aux`: what
+    `load_auxiliary` gave, for tasks that evaluate with it: PPO's reward model)."""
+    del aux
     totals = {}
     for batch in batches:
       for key, value in jax.device_get(eval_fn(params, to_device(batch))).items():

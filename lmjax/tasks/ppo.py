@@ -21,6 +21,7 @@ it was scored with. Every random draw derives from (seed, step), so a resumed ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -29,7 +30,8 @@ import numpy as np
 
 from lmjax import losses
 from lmjax import workdir as workdir_lib
-from lmjax.data.sft import EpochIterator, read_train_file
+from lmjax.data import examples as examples_lib
+from lmjax.data.sft import EpochIterator
 from lmjax.inference.generate import SamplingConfig, decode, left_pad, prefill
 from lmjax.models.transformer import ModelConfig, forward, forward_hidden
 from lmjax.tasks import params as params_lib
@@ -151,6 +153,23 @@ def next_kl_coef(kl_coef, kl, target_kl: float):
   return kl_coef * (1.0 + 0.1 * jnp.clip(kl / target_kl - 1.0, -0.2, 0.2))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _greedy_eval(task: 'PpoTask', params, reward_params, prompt):
+  """score, kl and response_length (means over rows) of greedy completions of `prompt` rows."""
+  policy = params_lib.model_params(task, params, merged=True)
+  n = task.post.max_new_tokens
+  logits_BV, cache = prefill(task.model, policy, prompt['prompt_tokens'],
+                             prompt['prompt_positions'], prompt['prompt_segment_ids'],
+                             max_len=prompt['prompt_tokens'].shape[1] + n)
+  tokens_BN, _, _, lengths_B, _ = decode(
+      task.model, SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=task.stop_ids),
+      policy, cache, logits_BV, jnp.sum(prompt['prompt_segment_ids'], axis=1),
+      prompt['prompt_tokens'], prompt['prompt_segment_ids'], jax.random.key(0))
+  _, stats = score_rollout(task, params, rollout_rows(prompt, tokens_BN, lengths_B),
+                           jnp.zeros((), jnp.float32), reward_params)
+  return {k: stats[k] for k in ('score', 'kl', 'response_length')}
+
+
 @dataclasses.dataclass(frozen=True)
 class PpoTask(FineTuneTask):
   reward: Any = None  # the RewardTask of post.reward_model; None: the toy reward
@@ -186,8 +205,7 @@ class PpoTask(FineTuneTask):
     return dataclasses.replace(self, stop_ids=(tokenizer.eos_id,))
 
   def make_iterator(self, config, tokenizer, process_index=0, process_count=1):
-    prompts = read_train_file(self.post.train_file,
-                              lambda r: [tokenizer.bos_id] + tokenizer.encode(r['prompt']))
+    prompts = examples_lib.load_prompts(config, tokenizer)[0]
     width = -(-max(len(p) for p in prompts) // 8) * 8  # one width for the file: one program
     group = self.post.group_size
 
@@ -240,6 +258,35 @@ class PpoTask(FineTuneTask):
     data, stats = score_rollout(self, state.params, batch, task_state['kl_coef'], aux)
     new_coef = next_kl_coef(task_state['kl_coef'], stats['kl'], self.post.target_kl)
     return data, dict(stats, kl_coef=task_state['kl_coef']), {'kl_coef': new_coef}
+
+  def make_eval_batches(self, config, tokenizer, process_index=0, process_count=1):
+    """Held-out prompts (post.eval_file or post.eval_fraction of train_file) in batches of
+    `rollout_batch` rows (the last one filled cyclically), at most `eval_batches`."""
+    held = examples_lib.load_prompts(config, tokenizer)[1]
+    if not held:
+      return []
+    rows = self.post.rollout_batch
+    width = -(-max(len(p) for p in held) // 8) * 8
+    mine = slice(process_index * rows // process_count,
+                 (process_index + 1) * rows // process_count)
+    count = min(-(-len(held) // rows), config.eval_batches)
+    return [{k: v[mine] for k, v in prompt_rows(
+        [held[(b * rows + i) % len(held)] for i in range(rows)], width).items()}
+            for b in range(count)]
+
+  def evaluate(self, eval_fn, params, batches, to_device=lambda batch: batch, aux=None):
+    """Greedy completions of the held-out prompts: their mean reward (`score`), their KL to the
+    reference (`kl`, summed over the response, post.kl_estimator) and `response_length`."""
+    del eval_fn
+    totals = {}
+    for batch in batches:
+      stats = jax.device_get(_greedy_eval(self, params, aux, to_device(batch)))
+      rows = next(iter(batch.values())).shape[0]
+      for key, value in stats.items():
+        totals[key] = totals.get(key, 0.0) + float(value) * rows
+      totals['prompts'] = totals.get('prompts', 0.0) + rows
+    return {k: (v if k == 'prompts' else v / max(totals['prompts'], 1.0))
+            for k, v in totals.items()}
 
   def sums(self, params, batch, rng):
     del rng

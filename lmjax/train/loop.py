@@ -214,7 +214,7 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
       pending = (step, {**device_metrics, **stats}, host_metrics)
       writer.advance()
       if step % config.eval_every == 0 and step < config.steps and eval_batches:
-        last_eval = task.evaluate(eval_fn, state.params, eval_batches, to_device)
+        last_eval = task.evaluate(eval_fn, state.params, eval_batches, to_device, aux)
         writer.write(step, 'eval', last_eval)
       if step % config.checkpoint_every == 0 or stop.stop:
         checkpointer.save(step, state, train_iter.get_state(), force=True)
@@ -225,7 +225,7 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
 
   finished = step >= config.steps
   if finished and eval_batches:
-    last_eval = task.evaluate(eval_fn, state.params, eval_batches, to_device)
+    last_eval = task.evaluate(eval_fn, state.params, eval_batches, to_device, aux)
     writer.write(step, 'eval', last_eval)
   if checkpointer.latest_step() != step:  # finished, or stopped (SIGTERM) between saves
     checkpointer.save(step, state, train_iter.get_state(), force=True)
@@ -243,7 +243,8 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
       'mfu_peak_flops_per_device': peak_per_device, 'mfu_peak_source': peak_source,
       **({key: last_train.get(key) for key in ('score', 'kl')} if task.phases else {}),
       **(phase_clock.summary() if phase_clock is not None else {}),
-      **{f'eval_{k}': last_eval[k] for k in ('accuracy', 'margin') if k in last_eval},
+      **{f'eval_{k}': last_eval[k] for k in ('accuracy', 'margin', 'score', 'kl')
+         if k in last_eval},
       **(data_report or {}),
   }
   if is_lead:

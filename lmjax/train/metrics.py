@@ -91,7 +91,7 @@ class MetricsWriter:
                             mfu=f'{100 * record.get("mfu", 0):.1f}%')
     elif self._bar is None and split == 'eval':
       print(f'step {step}: eval ' + ', '.join(f'{k} {record[k]:.4f}' for k in (
-          'loss', 'perplexity', 'accuracy', 'margin') if k in record))
+          'loss', 'perplexity', 'accuracy', 'margin', 'score', 'kl') if k in record))
 
   def advance(self, steps: int = 1) -> None:
     if self._bar is not None:
