@@ -148,3 +148,24 @@ def test_held_out_split_is_a_fixed_share_by_content():
   again = examples.split_records(list(reversed(records)), 0.1)[1]
   assert sorted(r['n'] for _, r in again) == sorted(r['n'] for _, r in held)  # order-free
   assert examples.split_records(records[:9], 0.1) == (records[:9], [])  # under 1 / fraction
+
+
+def test_a_jinja_template_gets_the_tokenizers_special_tokens(tmp_path):
+  template = ("{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}"
+              "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}assistant: {% endif %}")
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps(
+      {'chat_template': template, 'bos_token': '^', 'eos_token': {'content': '$'}}))
+
+  class SpecialTok(CharTok):  # like a tokenizers.Tokenizer: special strings are single ids
+    path = str(tmp_path / 'tokenizer.json')
+
+    def encode(self, text):
+      return [{'^': self.bos_id, '$': self.eos_id}.get(c, 3 + ord(c)) for c in text]
+
+  tok = SpecialTok()
+  turns = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]
+  prompt, ((response, mask),) = examples.Encoder(tok, template=chat.template_text('', tok)).sft(
+      {'messages': turns})
+  assert prompt == [T.bos_id] + enc('user: hi\nassistant: ')  # the template's bos, not a second
+  assert response == enc('yo') + [T.eos_id] + enc('\n') and mask == [1] * 4

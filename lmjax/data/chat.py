@@ -78,10 +78,24 @@ def template_text(setting: str, tok) -> str:
   return text
 
 
+@functools.lru_cache(maxsize=8)
+def _special_tokens(tok_path: str) -> dict:
+  """bos_token / eos_token strings of the tokenizer_config.json next to a tokenizer.json."""
+  path = os.path.join(os.path.dirname(tok_path), 'tokenizer_config.json')
+  try:
+    with open(path, encoding='utf-8') as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  text = lambda v: v.get('content', '') if isinstance(v, dict) else (v or '')
+  return {k: text(config.get(k)) for k in ('bos_token', 'eos_token')}
+
+
 def _render(template, tok, messages, generation_prompt: bool) -> str:
-  special = lambda i: tok.decode([i]) if hasattr(tok, 'decode') else ''
+  special = _special_tokens(getattr(tok, 'path', '') or '')
   return template.render(messages=messages, add_generation_prompt=generation_prompt,
-                         bos_token=special(tok.bos_id), eos_token=special(tok.eos_id))
+                         bos_token=special.get('bos_token', ''),
+                         eos_token=special.get('eos_token', ''))
 
 
 def jinja_segments(source: str, tok, messages) -> list[tuple[int, list[int], bool]]:
