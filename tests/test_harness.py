@@ -411,3 +411,13 @@ def test_builtin_multiple_choice_equals_hand_computed_without_the_harness(lm, wo
     subject = result['mc_subjects'][name]
     assert (subject['acc'], subject['acc_norm']) == pytest.approx(tuple(expected[name]))
   assert result['mc_macro_acc'] == pytest.approx((expected['toy_a'][0] + expected['toy_b'][0]) / 2)
+
+
+def test_without_lm_eval_the_harness_is_a_one_line_install_hint(monkeypatch):
+  import importlib
+  import sys
+  from lmjax.config import ConfigError
+  monkeypatch.setitem(sys.modules, 'lm_eval', None)  # as if the [eval] extra were missing
+  monkeypatch.delitem(sys.modules, 'lmjax.evaluation.harness')
+  with pytest.raises(ConfigError, match=r'^harness tasks need lm-eval: pip install -e "\.\[eval\]"$'):
+    importlib.import_module('lmjax.evaluation.harness')
