@@ -11,7 +11,10 @@ grid block by block, so the VMEM a program uses does not depend on the sequence 
   dk, dv    grid (B, K, nk, group, nq) kv block j stays, the group's q heads and q blocks stream;
                                        scratch dk, dv (bk, D): the GQA sum stays in-kernel.
 
-The backward works on transposed scores s^T = k q^T (bk, bq), so lse and delta broadcast as rows.
+Row-shaped operands a kernel needs as columns (lse, delta, q segment ids in the forward and dq, kv
+segment ids in dk/dv) are transposed once per resident block into lane-replicated (block, 128)
+scratch. dk/dv works on transposed scores s^T = k q^T (bk, bq), so lse and delta of the streaming
+q blocks broadcast as rows without a transpose.
 
 The last grid dimensions are "arbitrary" (sequential, accumulating); the others "parallel".
 Blocks obey the TPU (8, 128) tiling for f32 and bf16: values (block, head_dim) with head_dim the
@@ -42,6 +45,7 @@ from lmjax.kernels.flash_common import (NEG_INF, Tiling, block_mask, clamp_index
                                         kv_block_range, q_block_range, segment_block_ranges)
 
 _S = pl.squeezed
+F32 = jnp.float32
 
 
 def _scalar_args(t: Tiling, offsets, q_seg, kv_seg, bq: int, bk: int):
@@ -81,9 +85,10 @@ def _q_index(t: Tiling, scalars, i, j, bq: int, bk: int):
   return clamp_index(i, lo, hi, nq)
 
 
-def _column(row):
-  """(1, n) -> (n, 1) in VMEM, through an aligned (128, n) -> (n, 128) transpose."""
-  return jnp.broadcast_to(row, (128, row.shape[1])).T[:, :1]
+def _lanes(row):
+  """(1, n) row -> (n, 128) with every lane equal: an aligned transpose in VMEM. Kernels do it
+  once per resident block (into scratch) and read column [:, :1] at every step."""
+  return jnp.broadcast_to(row, (128, row.shape[1])).T
 
 
 def _unpack(t: Tiling, refs, num_scalars: int, num_rest_inputs: int):
@@ -100,7 +105,7 @@ def _unpack(t: Tiling, refs, num_scalars: int, num_rest_inputs: int):
 def _fwd_kernel(*refs, t: Tiling, num_scalars: int):
   scalars, (q_ref, k_ref, v_ref), (qseg_ref, kseg_ref), _, rest = _unpack(t, refs, num_scalars,
                                                                           0)
-  o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
+  o_ref, lse_ref, m_scr, l_scr, acc_scr, *qcol_scr = rest
   bq, bk = t.block_q, t.block_k
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -109,13 +114,15 @@ def _fwd_kernel(*refs, t: Tiling, num_scalars: int):
     m_scr[...] = jnp.full(m_scr.shape, NEG_INF, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+    if qcol_scr:
+      qcol_scr[0][...] = _lanes(qseg_ref[...])
 
   @pl.when(_pair_visible(t, scalars, b, i, j, bq, bk))
   def _step():
     v = v_ref[...]
     s = dot(q_ref[...], k_ref[...], 1, 1) * t.scale  # (bq, bk) float32
     offsets = scalars[0]
-    segs = (None, None) if qseg_ref is None else (_column(qseg_ref[...]), kseg_ref[...])
+    segs = (None, None) if qseg_ref is None else (qcol_scr[0][...][:, :1], kseg_ref[...])
     mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bq, bk), *segs)
     if mask is not None:
       s = jnp.where(mask, s, NEG_INF)
@@ -139,36 +146,35 @@ def _fwd_kernel(*refs, t: Tiling, num_scalars: int):
     lse_ref[...] = lse.T[:1, :]
 
 
-def _probs_and_dscores(t, scalars, i, j, bq, bk, q, k, v, do, lse, delta, qseg_ref, kseg_ref):
-  """Transposed p^T = exp(s^T - lse) (masked) and ds^T = p^T (v do^T - delta), (bk, bq)."""
-  p = jnp.exp(dot(k, q, 1, 1) * t.scale - lse)
-  offsets = scalars[0]
-  segs = (None, None) if qseg_ref is None else (qseg_ref[...], _column(kseg_ref[...]))
-  mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bk, bq), *segs,
-                    transposed=True)
-  if mask is not None:
-    p = jnp.where(mask, p, 0.0)
-  return p, p * (dot(v, do, 1, 1) - delta)
-
-
 def _dq_kernel(*refs, t: Tiling, num_scalars: int):
+  """Scores s = q k^T (bq, bk): lse, delta and the q segment ids of the resident q block are
+  turned into columns once (at j = 0)."""
   scalars, (q_ref, k_ref, v_ref), (qseg_ref, kseg_ref), rest_in, rest = _unpack(
       t, refs, num_scalars, 3)
   do_ref, lse_ref, delta_ref = rest_in
-  dq_ref, dq_scr = rest
+  dq_ref, dq_scr, lse_scr, delta_scr, *qcol_scr = rest
   bq, bk = t.block_q_bwd, t.block_k_bwd
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+    lse_scr[...] = _lanes(lse_ref[...])
+    delta_scr[...] = _lanes(delta_ref[...])
+    if qcol_scr:
+      qcol_scr[0][...] = _lanes(qseg_ref[...])
 
   @pl.when(_pair_visible(t, scalars, b, i, j, bq, bk))
   def _step():
     k = k_ref[...]
-    _, ds = _probs_and_dscores(t, scalars, i, j, bq, bk, q_ref[...], k, v_ref[...], do_ref[...],
-                               lse_ref[...], delta_ref[...], qseg_ref, kseg_ref)
-    dq_scr[...] += dot(ds.astype(k.dtype), k, 0, 0)  # ds k
+    p = jnp.exp(dot(q_ref[...], k, 1, 1) * t.scale - lse_scr[...][:, :1])
+    offsets = scalars[0]
+    segs = (None, None) if qseg_ref is None else (qcol_scr[0][...][:, :1], kseg_ref[...])
+    mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bq, bk), *segs)
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
+    ds = p * (dot(do_ref[...], v_ref[...], 1, 1) - delta_scr[...][:, :1])
+    dq_scr[...] += dot(ds.astype(k.dtype), k, 1, 0)  # ds k
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -176,10 +182,12 @@ def _dq_kernel(*refs, t: Tiling, num_scalars: int):
 
 
 def _dkv_kernel(*refs, t: Tiling, num_scalars: int):
+  """Transposed scores s^T = k q^T (bk, bq): lse, delta and q segment ids broadcast as rows; the
+  resident kv block's segment ids are turned into a column once."""
   scalars, (q_ref, k_ref, v_ref), (qseg_ref, kseg_ref), rest_in, rest = _unpack(
       t, refs, num_scalars, 3)
   do_ref, lse_ref, delta_ref = rest_in
-  dk_ref, dv_ref, dk_scr, dv_scr = rest
+  dk_ref, dv_ref, dk_scr, dv_scr, *kcol_scr = rest
   bq, bk = t.block_q_bwd, t.block_k_bwd
   b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
@@ -187,12 +195,20 @@ def _dkv_kernel(*refs, t: Tiling, num_scalars: int):
   def _init():
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+    if kcol_scr:
+      kcol_scr[0][...] = _lanes(kseg_ref[...])
 
   @pl.when(_pair_visible(t, scalars, b, i, j, bq, bk))
   def _step():
     q, do = q_ref[...], do_ref[...]
-    p, ds = _probs_and_dscores(t, scalars, i, j, bq, bk, q, k_ref[...], v_ref[...], do,
-                               lse_ref[...], delta_ref[...], qseg_ref, kseg_ref)
+    p = jnp.exp(dot(k_ref[...], q, 1, 1) * t.scale - lse_ref[...])  # (bk, bq)
+    offsets = scalars[0]
+    segs = (None, None) if qseg_ref is None else (qseg_ref[...], kcol_scr[0][...][:, :1])
+    mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bk, bq), *segs,
+                      transposed=True)
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)
+    ds = p * (dot(v_ref[...], do, 1, 1) - delta_ref[...])
     dv_scr[...] += dot(p.astype(do.dtype), do, 1, 0)  # p^T do
     dk_scr[...] += dot(ds.astype(q.dtype), q, 1, 0)  # ds^T q
 
@@ -208,7 +224,7 @@ def _call(t: Tiling, kernel, *, grid, in_specs, out_specs, out_shape, scratch, s
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=len(scalars), grid=grid, in_specs=in_specs, out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch])
+      scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch])
   params = None
   if t.backend == 'tpu':
     params = pltpu.CompilerParams(dimension_semantics=semantics)
@@ -239,12 +255,14 @@ def forward(t: Tiling, q, k, v, q_seg, kv_seg, offsets):
     in_specs += _seg_specs(q_idx, kv_idx, bq, bk)
     args += [q_seg, kv_seg]
   row_spec = pl.BlockSpec((_S, _S, 1, bq), lambda b, h, i, j, *s: (b, h, 0, i))
+  seg_col = [((bq, 128), jnp.int32)] if t.has_segments else []
   return _call(
       t, _fwd_kernel, grid=(batch, num_heads, t.q_len_pad // bq, t.kv_len_pad // bk),
       in_specs=in_specs, out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, num_heads, 1, q.shape[2]), jnp.float32)],
-      scratch=[(bq, 128), (bq, 128), (bq, head_dim)], scalars=scalars, args=args,
+      scratch=[((bq, 128), F32), ((bq, 128), F32), ((bq, head_dim), F32)] + seg_col,
+      scalars=scalars, args=args,
       semantics=('parallel', 'parallel', 'parallel', 'arbitrary'), name='flash_attention_fwd')
 
 
@@ -269,7 +287,9 @@ def backward(t: Tiling, q, k, v, q_seg, kv_seg, offsets, do, lse, delta):
   dq = _call(
       t, _dq_kernel, grid=(batch, num_heads, nq, nk),
       in_specs=in_specs + [q_spec, row_spec, row_spec], out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), scratch=[(bq, head_dim)],
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch=[((bq, head_dim), F32), ((bq, 128), F32), ((bq, 128), F32)] + (
+          [((bq, 128), jnp.int32)] if t.has_segments else []),
       scalars=scalars, args=args + [do, lse, delta],
       semantics=('parallel', 'parallel', 'parallel', 'arbitrary'),
       name='flash_attention_bwd_dq')
@@ -290,7 +310,9 @@ def backward(t: Tiling, q, k, v, q_seg, kv_seg, offsets, do, lse, delta):
       t, _dkv_kernel, grid=(batch, num_kv_heads, nk, g, nq),
       in_specs=in_specs + [qh_spec, rowh_spec, rowh_spec], out_specs=[kvj_spec, kvj_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch=[(bk, head_dim), (bk, head_dim)], scalars=scalars, args=args + [do, lse, delta],
+      scratch=[((bk, head_dim), F32), ((bk, head_dim), F32)] + (
+          [((bk, 128), jnp.int32)] if t.has_segments else []),
+      scalars=scalars, args=args + [do, lse, delta],
       semantics=('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary'),
       name='flash_attention_bwd_dkv')
   return dq, dk, dv
@@ -328,12 +350,15 @@ def vmem_bytes_per_program(t: Tiling, head_dim: int, itemsize: int) -> dict:
   d = head_dim
   bq, bk = t.block_q, t.block_k
   seg = [(1, bq, 4), (1, bk, 4)] if t.has_segments else []
+  seg_col = tile(bq, 128) if t.has_segments else 0
   fwd = blocks((bq, d, itemsize), (bk, d, itemsize), (bk, d, itemsize), (bq, d, itemsize),
-               (1, bq, 4), *seg) + 4 * (2 * tile(bq, 128) + tile(bq, d))
+               (1, bq, 4), *seg) + 4 * (2 * tile(bq, 128) + tile(bq, d) + seg_col)
   bq, bk = t.block_q_bwd, t.block_k_bwd
   seg = [(1, bq, 4), (1, bk, 4)] if t.has_segments else []
   inputs = [(bq, d, itemsize), (bk, d, itemsize), (bk, d, itemsize), (bq, d, itemsize),
             (1, bq, 4), (1, bq, 4), *seg]
-  dq = blocks(*inputs, (bq, d, itemsize)) + 4 * tile(bq, d)
-  dkv = blocks(*inputs, (bk, d, itemsize), (bk, d, itemsize)) + 4 * 2 * tile(bk, d)
+  dq = blocks(*inputs, (bq, d, itemsize)) + 4 * (tile(bq, d) + 2 * tile(bq, 128) + (
+      tile(bq, 128) if t.has_segments else 0))
+  dkv = blocks(*inputs, (bk, d, itemsize), (bk, d, itemsize)) + 4 * (2 * tile(bk, d) + (
+      tile(bk, 128) if t.has_segments else 0))
   return {'forward': fwd, 'backward_dq': dq, 'backward_dkv': dkv}
