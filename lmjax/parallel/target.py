@@ -35,3 +35,12 @@ def device_kind(mesh=None) -> str:
   """The target devices' kind, e.g. 'TPU v5 lite', 'NVIDIA H100 80GB HBM3', 'cpu'."""
   found = _mesh_device(mesh)
   return found[1] if found else jax.devices()[0].device_kind
+
+
+def device_count() -> int:
+  """Devices of the current mesh (`jax.set_mesh`), else this host's: what a config's `-1` mesh
+  axis fills."""
+  abstract = jax.sharding.get_abstract_mesh()
+  if abstract is not None and not abstract.empty:
+    return abstract.size
+  return jax.device_count()

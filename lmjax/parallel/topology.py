@@ -11,11 +11,15 @@ A slice is whole hosts: the smallest v4/v5p slice is 2x2x1 (4 chips), the smalle
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import itertools
 import math
+import os
 import re
+import sys
+import tempfile
 
 from lmjax.config import ConfigError
 
@@ -116,6 +120,22 @@ def parse(name: str, num_slices: int = 1) -> Topology:
   return Topology(name=name, generation=generation, shape=shape, num_slices=num_slices)
 
 
+@contextlib.contextmanager
+def _libtpu_start_up_logs_dropped():
+  """libtpu, loaded on a host without TPUs, logs (to file descriptor 2, from C++) that it cannot
+  find TPU hosts or an accelerator type. Nothing is wrong for compiling ahead of time, so these
+  lines are dropped; errors still raise."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 def devices(topology: Topology) -> list:
   """The slice's devices (one per chip), for ahead-of-time compilation on any host."""
   if importlib.util.find_spec('libtpu') is None:
@@ -126,7 +146,8 @@ def devices(topology: Topology) -> list:
   if topology.num_slices > 1:
     options['num_slices'] = topology.num_slices
   try:
-    description = topologies.get_topology_desc(topology.jax_name, platform='tpu', **options)
+    with _libtpu_start_up_logs_dropped():
+      description = topologies.get_topology_desc(topology.jax_name, platform='tpu', **options)
   except Exception as e:  # pylint: disable=broad-except
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f'--topology={topology.name}: libtpu cannot describe {topology.jax_name}: '

@@ -11,6 +11,7 @@ import jax
 from lmjax import workdir as workdir_lib
 from lmjax.config import choices, mesh_shape
 from lmjax.models.transformer import ModelConfig
+from lmjax.parallel import target
 from lmjax.tasks.base import Task
 from lmjax.tasks.ppo import PpoTask
 from lmjax.tasks.preference import DpoTask, RewardTask
@@ -22,10 +23,10 @@ assert tuple(TASKS) == choices('task'), 'every `task` value of the config schema
 
 
 def pipeline_of(config) -> tuple[int, int]:
-  """(stages, micro-batches) of a config on the devices at hand (`mesh.pipeline`, -1 resolved)."""
+  """(stages, micro-batches) of a config on the target devices (`mesh.pipeline`, -1 resolved)."""
   if config.mesh.pipeline == 1:
     return 1, config.pipeline_microbatches
-  return mesh_shape(config, jax.device_count())['pipeline'], config.pipeline_microbatches
+  return mesh_shape(config, target.device_count())['pipeline'], config.pipeline_microbatches
 
 
 def from_config(config) -> Task:
