@@ -408,11 +408,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.warmup_steps > config.steps:
     raise ConfigError(f'optimizer.warmup_steps: {config.optimizer.warmup_steps} exceeds '
                       f'steps={config.steps}')
-  _validate_moe(config.model.moe)
+  _validate_moe(config.model.moe, config.model.scan_layers)
+  if (config.model.moe.num_experts and config.peft.method in PEFT_LOW_RANK
+      and 'moe' in config.peft.targets):
+    raise ConfigError(f'peft.targets: {config.peft.targets!r} names MoE weights; low-rank adapters '
+                      'on experts are not supported (all-linear adapts attention and dense MLPs)')
   _validate_post(config)
 
 
-def _validate_moe(e) -> None:
+def _validate_moe(e, scan_layers: bool) -> None:
   if e.num_experts == 0:
     defaults = base_config().model.moe
     for key, value in e.items():
@@ -433,6 +437,9 @@ def _validate_moe(e) -> None:
     raise ConfigError(f'model.moe.moe_every: must be >= 1; got {e.moe_every}')
   if e.capacity_factor <= 0:
     raise ConfigError(f'model.moe.capacity_factor: must be positive; got {e.capacity_factor}')
+  if scan_layers and (e.first_k_dense or e.moe_every > 1):
+    raise ConfigError('model.moe.first_k_dense: scanned layers (model.scan_layers) must all be MoE '
+                      '(first_k_dense=0, moe_every=1); unroll them to interleave dense layers')
   if e.bias_update_rate and e.router != 'sigmoid':
     raise ConfigError('model.moe.bias_update_rate: aux-loss-free balancing needs '
                       f'model.moe.router=sigmoid; got {e.router}')

@@ -13,10 +13,13 @@ from lmjax import config as config_lib
 from lmjax.models import moe as moe_lib
 from lmjax.models.layers import MLP
 from lmjax.models.moe import MoE, MoeConfig
-from lmjax.models.transformer import ModelConfig, forward, forward_cached, forward_moe, \
-    init_cache, init_params
+from lmjax.models import transformer
+from lmjax.models.transformer import ModelConfig, init_cache, init_params
 
 D, F = 16, 24
+forward = jax.jit(transformer.forward, static_argnums=0)
+forward_moe = jax.jit(transformer.forward_moe, static_argnums=0)
+forward_cached = jax.jit(transformer.forward_cached, static_argnums=0)
 
 
 def _layer(moe, dtype=jnp.float32):
@@ -24,7 +27,11 @@ def _layer(moe, dtype=jnp.float32):
 
 
 def _init(moe, x_TD, seed=0):
-  return nn.unbox(_layer(moe).init(jax.random.key(seed), x_TD)['params'])
+  return nn.unbox(jax.jit(_layer(moe).init)(jax.random.key(seed), x_TD)['params'])
+
+
+def _params(cfg):
+  return nn.unbox(jax.jit(lambda key: init_params(cfg, key))(jax.random.key(0)))
 
 
 def _x(tokens=12, seed=1):
@@ -62,11 +69,11 @@ def test_one_expert_top1_is_the_dense_swiglu_values_and_grads():
   mlp = MLP(D, F, 0.3, 0.3, jnp.float32, jnp.float32)
   for dispatch in ('dropless', 'capacity'):
     m = dataclasses.replace(moe, dispatch=dispatch)
-    y_moe = _layer(m).apply({'params': p}, x)
+    y_moe = jax.jit(_layer(m).apply)({'params': p}, x)
     y_dense = mlp.apply({'params': dense}, x)
     np.testing.assert_allclose(y_moe, y_dense, atol=1e-6)
-    g_moe = jax.grad(lambda q: jnp.sum(jnp.sin(_layer(m).apply({'params': q}, x))))(p)
-    g_dense = jax.grad(lambda q: jnp.sum(jnp.sin(mlp.apply({'params': q}, x))))(dense)
+    g_moe = jax.jit(jax.grad(lambda q: jnp.sum(jnp.sin(_layer(m).apply({'params': q}, x)))))(p)
+    g_dense = jax.jit(jax.grad(lambda q: jnp.sum(jnp.sin(mlp.apply({'params': q}, x)))))(dense)
     for name in ('gate', 'up', 'down'):
       np.testing.assert_allclose(g_moe[name][0], g_dense[name], atol=1e-6)
     np.testing.assert_allclose(g_moe['router'], 0.0, atol=1e-6)  # one expert: weight is 1
@@ -79,7 +86,7 @@ def test_top2_of_4_equals_a_numpy_loop(shared, dispatch):
                   dispatch=dispatch, capacity_factor=4.0)
   x = _x(20)
   p = _init(moe, x)
-  y = _layer(moe).apply({'params': p}, x)
+  y = jax.jit(_layer(moe).apply)({'params': p}, x)
   np.testing.assert_allclose(y, _numpy_moe(moe, p, x), atol=2e-5)
 
 
@@ -105,7 +112,7 @@ def test_dropless_equals_capacity_when_nothing_drops_and_drops_are_counted():
   x = _x(32)
   base = MoeConfig(num_experts=4, experts_per_token=2)
   p = _init(base, x)
-  run = lambda m: _layer(m).apply({'params': p}, x, mutable=['moe'])
+  run = lambda m: jax.jit(lambda q: _layer(m).apply({'params': q}, x, mutable=['moe']))(p)
   y_dl, _ = run(base)
   # factor E / K: C = T, the most one expert can receive
   y_cap, stats = run(dataclasses.replace(base, dispatch='capacity', capacity_factor=2.0))
@@ -146,8 +153,8 @@ def test_aux_and_z_loss_closed_forms():
                              rtol=1e-6)
 
 
-def _model(**moe):
-  return ModelConfig(vocab_size=64, num_layers=3, d_model=32, num_heads=4, num_kv_heads=2,
+def _model(num_layers=2, **moe):
+  return ModelConfig(vocab_size=64, num_layers=num_layers, d_model=32, num_heads=4, num_kv_heads=2,
                      head_dim=8, mlp_dim=48, max_seq_len=64,
                      moe=MoeConfig(**dict(dict(num_experts=4, experts_per_token=2,
                                                expert_mlp_dim=16), **moe)))
@@ -160,25 +167,28 @@ def _batch(b=2, length=8, seed=0):
 
 
 def test_interleaved_layers_and_scan_remat_equal_unrolled():
-  cfg = _model(first_k_dense=1, moe_every=2)  # layers: dense, moe, dense
-  p = nn.unbox(init_params(cfg, jax.random.key(0)))
-  assert 'mlp' in p['layers_0'] and 'moe' in p['layers_1'] and 'mlp' in p['layers_2']
+  layers = [moe_lib.is_moe_layer(MoeConfig(num_experts=2, first_k_dense=1, moe_every=2), i)
+            for i in range(6)]
+  assert layers == [False, True, False, True, False, True]
+  cfg = _model(first_k_dense=1)  # layers: dense, moe
+  p = _params(cfg)
+  assert 'mlp' in p['layers_0'] and 'moe' in p['layers_1'] and 'mlp' not in p['layers_1']
   args = _batch()
   logits, stats = forward_moe(cfg, p, *args)
   np.testing.assert_allclose(logits, forward(cfg, p, *args), atol=1e-6)
   sums = moe_lib.loss_sums(cfg.moe, stats, 1.0)
   assert set(k for k in sums if k.startswith('moe_load')) == {'moe_load_max_l1'}
   uniform = _model()
-  p = nn.unbox(init_params(uniform, jax.random.key(0)))
-  stacked = {'layers': jax.tree.map(lambda *a: jnp.stack(a), *[p[f'layers_{i}'] for i in range(3)]),
+  p = _params(uniform)
+  stacked = {'layers': jax.tree.map(lambda *a: jnp.stack(a), *[p[f'layers_{i}'] for i in range(2)]),
              **{k: v for k, v in p.items() if not k.startswith('layers_')}}
   scan = dataclasses.replace(uniform, scan_layers=True, remat='full')
   loss = lambda c, q: jnp.sum(forward_moe(c, q, *args)[0] ** 2) + moe_lib.loss_sums(
       c.moe, forward_moe(c, q, *args)[1], 1.0)['loss']
   np.testing.assert_allclose(loss(scan, stacked), loss(uniform, p), rtol=1e-6)
-  g_scan = jax.grad(lambda q: loss(scan, q))(stacked)
-  g = jax.grad(lambda q: loss(uniform, q))(p)
-  np.testing.assert_allclose(g_scan['layers']['moe']['router'][2], g['layers_2']['moe']['router'],
+  g_scan = jax.jit(jax.grad(lambda q: loss(scan, q)))(stacked)
+  g = jax.jit(jax.grad(lambda q: loss(uniform, q)))(p)
+  np.testing.assert_allclose(g_scan['layers']['moe']['router'][1], g['layers_1']['moe']['router'],
                              atol=1e-6)
   np.testing.assert_allclose(g_scan['layers']['moe']['down'][0], g['layers_0']['moe']['down'],
                              atol=1e-6)
@@ -186,7 +196,7 @@ def test_interleaved_layers_and_scan_remat_equal_unrolled():
 
 def test_kv_cache_decoding_equals_the_full_forward():
   cfg = _model(dispatch='capacity', capacity_factor=1.0)  # decoding is always dropless
-  p = nn.unbox(init_params(cfg, jax.random.key(0)))
+  p = _params(cfg)
   tokens, positions, segments = _batch(b=2, length=6)
   full = forward(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch='dropless')),
                  p, tokens, positions, segments)
@@ -202,9 +212,10 @@ def test_kv_cache_decoding_equals_the_full_forward():
 
 def test_sigmoid_bias_moves_against_the_load():
   cfg = _model(router='sigmoid', bias_update_rate=1.0)
-  p = nn.unbox(init_params(cfg, jax.random.key(0)))
+  p = _params(cfg)
   args = _batch(b=4, length=16)
-  g = jax.grad(lambda q: moe_lib.loss_sums(cfg.moe, forward_moe(cfg, q, *args)[1], 1.0)['loss'])(p)
+  g = jax.jit(jax.grad(
+      lambda q: moe_lib.loss_sums(cfg.moe, forward_moe(cfg, q, *args)[1], 1.0)['loss']))(p)
   stats = moe_lib.layer_stats(forward_moe(cfg, p, *args)[1])
   np.testing.assert_allclose(g['layers_0']['moe']['router_bias'], stats['load'][0] - 0.25,
                              atol=1e-6)
@@ -228,4 +239,26 @@ def test_moe_keys_on_a_dense_config():
   config = config_lib.load_config('tiny')
   config_lib.apply_overrides(config, ['model.moe.experts_per_token=4'])
   with pytest.raises(config_lib.ConfigError, match='model.moe.experts_per_token: set on a dense'):
+    config_lib.validate(config)
+
+
+def test_total_and_active_parameter_counts_and_flops():
+  from lmjax.scaling import flops  # pylint: disable=import-outside-toplevel
+  cfg = _model(3, num_shared_experts=1, first_k_dense=1, router='sigmoid', bias_update_rate=0.1)
+  shapes = jax.eval_shape(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))
+  assert flops.param_counts(cfg)['total'] == sum(x.size for x in jax.tree.leaves(shapes))
+  unchosen = 2 * 3 * 32 * 16 * (4 - 2)  # two MoE layers x 3 matrices x D x F x (E - K)
+  counts = flops.param_counts(cfg)
+  assert counts['active'] == counts['total'] - unchosen
+  dense = dataclasses.replace(cfg, moe=MoeConfig())
+  f, f_dense = flops.flops_per_token(cfg, 8), flops.flops_per_token(dense, 8)
+  # per MoE layer instead of the dense MLP: router + K experts + 1 shared expert, 3 x 2 FLOPs each
+  per_layer = 32 * 4 + 3 * 32 * 16 * (2 + 1) - 3 * 32 * 48
+  assert f['total'] - f_dense['total'] == 6 * 2 * per_layer
+
+
+def test_lora_on_expert_weights_is_refused():
+  config = config_lib.load_config('moe_tiny')
+  config_lib.apply_overrides(config, ['peft.method=lora', 'peft.targets=moe/(gate|up)$'])
+  with pytest.raises(config_lib.ConfigError, match='peft.targets: .* names MoE weights'):
     config_lib.validate(config)

@@ -10,6 +10,11 @@ It times the same jitted, donated `train_step` the trainer runs, on synthetic ba
 input pipeline is not measured). `--torch` also times PyTorch with Hugging Face's
 `LlamaForCausalLM` of the same shape (float32, AdamW) in a separate process, for a side-by-side
 comparison on this machine.
+
+For a mixture-of-experts config (`model.moe.num_experts` > 0) it also times the dense model with the
+same active parameters (mlp_dim = (experts_per_token + num_shared_experts) x expert_mlp_dim) and
+prints the dispatch overhead: the share of the MoE step beyond that dense step (routing, sorting,
+gathers and scatters, grouped-matmul padding); MFU counts active FLOPs.
 """
 
 from __future__ import annotations
@@ -126,6 +131,16 @@ def bench_torch(config, steps: int) -> dict:
           'mfu': tokens / step_s * model_flops / (peak_flops_per_device() * jax.device_count())}
 
 
+def dense_equivalent(config):
+  """The dense config whose MLP has the MoE config's active feed-forward width."""
+  dense = config_lib.from_json(config_lib.to_json(config))
+  moe = dense.model.moe
+  dense.model.mlp_dim = ((moe.experts_per_token + moe.num_shared_experts)
+                         * (moe.expert_mlp_dim or dense.model.mlp_dim))
+  dense.model.moe = config_lib.base_config().model.moe
+  return dense
+
+
 def main(argv=None) -> None:
   argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,6 +153,10 @@ def main(argv=None) -> None:
   config_lib.apply_overrides(config, overrides)
   mesh_lib.validate(config, jax.device_count())
   results = [bench_lmjax(config, args.steps)]
+  if config.model.moe.num_experts and args.steps > 0:
+    dense = bench_lmjax(dense_equivalent(config), args.steps)
+    results.append(dict(dense, impl='dense-eq'))
+    results[0]['dispatch_overhead'] = 1 - dense['step_s'] / results[0]['step_s']
   if args.torch:
     results.append(bench_torch(config, args.steps))
   print(f'config {args.config} {" ".join(overrides)}: {jax.device_count()} x '
@@ -145,6 +164,9 @@ def main(argv=None) -> None:
   print(f'{"impl":10} {"step s":>8} {"tokens/s":>10} {"MFU":>7}')
   for r in results if args.steps > 0 else ():
     print(f'{r["impl"]:10} {r["step_s"]:8.3f} {r["tokens_per_s"]:10.0f} {100 * r["mfu"]:6.1f}%')
+  if 'dispatch_overhead' in results[0]:
+    print(f'MoE dispatch overhead vs the dense model of the same active parameters: '
+          f'{100 * results[0]["dispatch_overhead"]:.1f}% of the MoE step')
   print(json.dumps(results[0], indent=2))
 
 

@@ -3,7 +3,8 @@
 Every parameter and activation names its axes logically ('embed', 'heads', 'act_batch', ...);
 the rules of the `sharding` preset (see `sharding.py`) decide which mesh axes each name is split
 over. Mesh axes: `data` (batch split, params replicated), `fsdp` (batch split, params and optimizer
-state sharded), `tensor` (heads and MLP split), `pipeline` (layers split into stages).
+state sharded), `tensor` (heads and MLP split), `pipeline` (layers split into stages), `expert`
+(MoE experts split, tokens exchanged with all-to-all; `lmjax.models.moe`).
 
 `mesh.<axis>` is the axis' total size; `mesh.dcn_<axis>` says how many of those are spread over
 slower links (several TPU slices, or several hosts of a GPU cluster). The device order comes from
@@ -89,6 +90,12 @@ def validate(config, num_devices: int) -> None:
   if config.peft.method in ('prompt', 'p_tuning') and sizes['pipeline'] > 1:
     raise ConfigError(f'peft.method: {config.peft.method} (virtual tokens through every layer) is '
                       f'not supported with pipeline stages (mesh.pipeline={sizes["pipeline"]})')
+  if m.moe.num_experts and sizes['pipeline'] > 1:
+    raise ConfigError('model.moe.num_experts: MoE layers do not run under pipeline stages yet '
+                      f'(mesh.pipeline={sizes["pipeline"]})')
+  if sizes['expert'] > 1 and not m.moe.num_experts:
+    raise ConfigError(f'mesh.expert: {sizes["expert"]} devices for experts, but the model is dense '
+                      '(model.moe.num_experts=0)')
   if m.logits_chunk and sizes['pipeline'] > 1:
     raise ConfigError('model.logits_chunk: not supported with pipeline stages (mesh.pipeline='
                       f'{sizes["pipeline"]}); set it to 0')

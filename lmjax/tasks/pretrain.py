@@ -26,7 +26,7 @@ def token_loss_sums(model_cfg: ModelConfig, params, batch, z_loss: float = 0.0, 
     else:
       sums = cross_entropy(out, batch['targets'], batch['weights'], z_loss)
     extra = moe_lib.loss_sums(model_cfg.moe, stats, sums['weight'])
-    return dict(sums, **extra, loss=sums['loss'] + extra['loss'])
+    return {**sums, **extra, 'loss': sums['loss'] + extra['loss']}
   if pipeline[0] > 1:
     logits_BLV = pipeline_lib.staged_forward(*args, stages=pipeline[0], microbatches=pipeline[1],
                                       peft=peft)
