@@ -421,3 +421,39 @@ def test_without_lm_eval_the_harness_is_a_one_line_install_hint(monkeypatch):
   monkeypatch.delitem(sys.modules, 'lmjax.evaluation.harness')
   with pytest.raises(ConfigError, match=r'^harness tasks need lm-eval: pip install -e "\.\[eval\]"$'):
     importlib.import_module('lmjax.evaluation.harness')
+
+
+SHARDED_SCRIPT = """
+import json, sys
+import jax
+from lm_eval.api.instance import Instance
+from lmjax.evaluation import harness
+lm = harness.LmjaxLM(workdir=sys.argv[1], batch_size=3)
+pairs = [tuple(p) for p in json.loads(sys.argv[2])]
+reqs = [Instance('loglikelihood', {}, p, 0, ('t', i, 1)) for i, p in enumerate(pairs)]
+gen = Instance('generate_until', {}, ('def f', {'until': ['\\n'], 'max_gen_toks': 8}), 0,
+               ('t', 0, 1))
+print(json.dumps({'devices': jax.device_count(), 'rows': lm.scorer.rows,
+                  'data': lm.scorer.mesh.shape['data'],
+                  'll': lm.loglikelihood(reqs, disable_tqdm=True),
+                  'gen': lm.generate_until([gen])}))
+"""
+
+
+def test_sharded_over_four_devices_equals_one_device(lm, workdir):
+  """On 4 devices the workdir's params go onto the config's mesh (data=-1: 4-way) and each
+  batch's rows are split over it (3 rows round up to 4): the same scores and generations."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  run = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT, workdir, json.dumps(PAIRS)],
+                       env=env, capture_output=True, text=True, timeout=600, check=True)
+  sharded = json.loads(run.stdout.strip().splitlines()[-1])
+  assert (sharded['devices'], sharded['data'], sharded['rows']) == (4, 4, 4)
+  single = lm.loglikelihood(requests('loglikelihood', PAIRS), disable_tqdm=True)
+  np.testing.assert_allclose([ll for ll, _ in sharded['ll']], [ll for ll, _ in single], atol=1e-5)
+  assert [g for _, g in sharded['ll']] == [g for _, g in single]
+  kwargs = {'until': ['\n'], 'max_gen_toks': 8}
+  assert sharded['gen'] == lm.generate_until(requests('generate_until', [('def f', kwargs)]))
