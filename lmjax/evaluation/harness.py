@@ -211,9 +211,8 @@ class LmjaxLM(TemplateLM):
       chunk = order[start:start + scorer.rows]
       rows = [prompts[i] for i in chunk] + [[tok.bos_id]] * (scorer.rows - len(chunk))
       width = bucket_width(len(rows[0]), scorer.buckets)
-      tokens, positions, segments = (scorer._place(a) for a in  # pylint: disable=protected-access
-                                     left_pad(rows, tok.pad_id, width=width))
-      with scorer._context():  # pylint: disable=protected-access
+      tokens, positions, segments = map(scorer.place, left_pad(rows, tok.pad_id, width=width))
+      with scorer.context():
         logits, cache = prefill(self.model_cfg, self.params, tokens, positions, segments,
                                 max_len=width + max_new_tokens)
         new = decode(self.model_cfg, cfg, self.params, cache, logits,

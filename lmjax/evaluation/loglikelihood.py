@@ -85,7 +85,8 @@ class Scorer:
     self.rows = -(-max(rows, 1) // shards) * shards
     self.buckets = length_buckets(self.max_length)
 
-  def _context(self):
+  def context(self):
+    """Where programs over the params run: the mesh and its logical-axis rules, if any."""
     if self.mesh is None:
       return contextlib.nullcontext()
     stack = contextlib.ExitStack()
@@ -93,7 +94,8 @@ class Scorer:
     stack.enter_context(nn.logical_axis_rules(list(self.rules)))
     return stack
 
-  def _place(self, array):
+  def place(self, array):
+    """A host batch (rows first) on the device(s): its rows split over the mesh's batch axes."""
     if self.mesh is None:
       return array
     from lmjax.parallel.mesh import batch_sharding  # pylint: disable=g-import-not-at-top
@@ -113,9 +115,9 @@ class Scorer:
       for r, i in enumerate(chunk):
         n = len(rows[i]) - 1
         inputs[r, :n], targets[r, :n], segments[r, :n] = rows[i][:-1], rows[i][1:], 1
-      with self._context():
-        logp, greedy = token_scores(self.model_cfg, self.params, self._place(inputs),
-                                    self._place(targets), self._place(segments))
+      with self.context():
+        logp, greedy = token_scores(self.model_cfg, self.params, self.place(inputs),
+                                    self.place(targets), self.place(segments))
       logp, greedy = jax.device_get((logp, greedy))
       for r, i in enumerate(chunk):
         n = len(rows[i]) - 1
