@@ -321,9 +321,10 @@ def test_simple_evaluate_acc_acc_norm_and_group_equal_hand_computed(lm, workdir,
 def test_lm_eval_cli_and_lmjax_eval_tasks(lm, workdir, tasks_dir, offline, tmp_path):
   expected = expected_accuracies(lm)
   out = tmp_path / 'lm_eval_out'
-  assert cli_main(['lm-eval', '--model', 'lmjax', '--model_args', f'workdir={workdir}',
-                   '--tasks', 'toy_group', '--include_path', tasks_dir, '--num_fewshot', '0',
-                   '--batch_size', '4', '--output_path', str(out)]) == 0
+  model_args = f'workdir={workdir},tokenizer={lm.tokenizer_.path},batch_size=4'  # its own
+  assert cli_main(['lm-eval', '--model', 'lmjax', '--model_args', model_args, '--tasks',
+                   'toy_group', '--include_path', tasks_dir, '--num_fewshot', '0',
+                   '--output_path', str(out)]) == 0
   [path] = list(out.rglob('results_*.json'))
   flat = harness.flat_metrics(json.loads(path.read_text()))
   for name, (acc, acc_norm) in expected.items():

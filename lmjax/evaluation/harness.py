@@ -84,6 +84,19 @@ class LmjaxLM(TemplateLM):
                 max_gen_toks, mesh, rules)
 
   @classmethod
+  def create_from_arg_obj(cls, arg_dict, additional_config=None) -> 'LmjaxLM':
+    """lm-eval's constructor from --model_args; a key given there (batch_size) wins over the
+    command line's default for it."""
+    extra = {k: v for k, v in (additional_config or {}).items()
+             if v is not None and k not in arg_dict}
+    return cls(**arg_dict, **extra)
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string, additional_config=None) -> 'LmjaxLM':
+    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
+                                   additional_config)
+
+  @classmethod
   def from_params(cls, model_cfg, params, tokenizer, batch_size=16, max_length=0,
                   max_gen_toks=256, mesh=None, rules=()) -> 'LmjaxLM':
     """The model of live params (e.g. during training), laid out on `mesh` if given."""
