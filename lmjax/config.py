@@ -16,7 +16,10 @@ import importlib.util
 import json
 import os
 
-import ml_collections
+try:
+  import ml_collections
+except ModuleNotFoundError:  # tools/accelerator_check.py's minimal runtime: schema defaults only
+  ml_collections = None
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline', 'expert')  # `expert`: MoE expert parallelism
@@ -26,9 +29,29 @@ class ConfigError(ValueError):
   """A bad config key or value; the message names the key."""
 
 
+def _group():
+  """A config group: an ml_collections ConfigDict. Where ml_collections is not installed (the
+  accelerator check runs with jax, flax, optax, orbax and numpy only), a namespace that carries
+  the schema's defaults to the model code; loading, overriding and validating configs need
+  ml_collections."""
+  return ml_collections.ConfigDict() if ml_collections is not None else _Defaults()
+
+
+class _Defaults(dict):
+  """Attribute access to a dict (the schema's defaults without ml_collections)."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+  __setattr__ = dict.__setitem__
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults. Config files override values, never add keys."""
-  c = ml_collections.ConfigDict()
+  c = _group()
   c.seed = 0
   c.steps = 1000
   c.batch_size = 8  # global sequences per optimizer step
@@ -47,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.task = 'pretrain'  # pretrain | sft | reward | dpo | ppo (lmjax.tasks)
 
-  c.model = ml_collections.ConfigDict()
+  c.model = _group()
   m = c.model
   m.vocab_size = 8192
   m.num_layers = 4
@@ -79,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.logits_chunk = 0
   # mixture of experts (lmjax.models.moe, docs/moe.md); num_experts = 0 is a dense model and every
   # other moe key must then keep its default
-  m.moe = ml_collections.ConfigDict()
+  m.moe = _group()
   e = m.moe
   e.num_experts = 0  # routed experts per MoE layer; 0 = dense
   e.experts_per_token = 2  # top-k
@@ -95,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.z_loss_coef = 0.001  # router z-loss
   e.bias_update_rate = 0.0  # sigmoid router: aux-loss-free balancing bias step; 0 = off
 
-  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer = _group()
   o = c.optimizer
   o.name = 'adamw'  # adamw | adafactor | lion | sgd
   o.learning_rate = 3e-3
@@ -110,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.b2 = 0.95
   o.eps = 1e-8
 
-  c.data = ml_collections.ConfigDict()
+  c.data = _group()
   d = c.data
   d.source = 'stdlib'  # stdlib | a glob of text files | a .jsonl path; mixtures: 'SRC@W,SRC@W'
   d.text_field = 'text'
@@ -119,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.on_bad_input = 'error'  # error | skip
   d.num_workers = 0
 
-  c.mesh = ml_collections.ConfigDict()
+  c.mesh = _group()
   for axis in MESH_AXES:
     c.mesh[axis] = -1 if axis == 'data' else 1
   for axis in MESH_AXES:  # how much of each axis spans slices/hosts
@@ -128,14 +151,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = ''  # overrides of the preset: 'embed=fsdp,mlp=tensor,act_len='
   c.pipeline_microbatches = 1  # GPipe micro-batches per (accumulation) micro-batch
 
-  c.distributed = ml_collections.ConfigDict()
+  c.distributed = _group()
   c.distributed.coordinator = ''  # host:port of process 0; empty = auto-detect (TPU pod, SLURM)
   c.distributed.num_processes = 0  # 0 = from the environment
   c.distributed.process_id = -1  # -1 = from the environment
   c.distributed.heartbeat_timeout_s = 30  # a dead peer makes the others exit after about this
   c.distributed.initialization_timeout_s = 300
 
-  c.peft = ml_collections.ConfigDict()  # parameter-efficient fine-tuning (lmjax.peft)
+  c.peft = _group()  # parameter-efficient fine-tuning (lmjax.peft)
   p = c.peft
   # none (full fine-tuning) | lora | dora | vera | lora_fa (weight deltas, mergeable) |
   # bottleneck | prefix | prompt | p_tuning (in-model: not mergeable, `lmjax peft save` exports them)
@@ -157,7 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
   p.adapter_dim = 16  # bottleneck: adapter hidden size
   p.encoder_dim = 0  # p_tuning: prompt-encoder MLP hidden size (0 = model.d_model)
 
-  c.post = ml_collections.ConfigDict()  # post-training tasks (lmjax.tasks)
+  c.post = _group()  # post-training tasks (lmjax.tasks)
   q = c.post
   q.train_file = ''  # JSONL: prompt/response or messages (sft); prompt/chosen/rejected (reward, dpo)
   # or, for dpo with loss_type=kto, unpaired prompt/completion/label (label true = desirable)
@@ -195,7 +218,7 @@ def base_config() -> ml_collections.ConfigDict:
   q.temperature = 1.0
   q.whiten_advantages = True
 
-  c.eval = ml_collections.ConfigDict()  # lm-evaluation-harness tasks during training
+  c.eval = _group()  # lm-evaluation-harness tasks during training
   c.eval.harness_tasks = ''  # comma-separated task / group names (or YAML paths); empty = off
   c.eval.harness_every = 0  # run them every N steps and at the last step; 0 = the last step only
   c.eval.harness_num_fewshot = 0
@@ -203,7 +226,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.harness_batch_size = 16  # rows per scoring batch
   c.eval.harness_include_path = ''  # a directory of task YAMLs (local tasks)
 
-  c.sample = ml_collections.ConfigDict()
+  c.sample = _group()
   c.sample.prompt = 'def '
   c.sample.max_new_tokens = 128
   c.sample.temperature = 0.0
