@@ -53,11 +53,9 @@ def flash_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL=None, *, causal: bool
                      f'{q_len} and {kv_len} (the block API takes offsets)')
   backend = common.resolve_backend(backend, interpret)
   q_seg, kv_seg = common.split_segments(segment_ids_BL, batch, q_len, kv_len)
-  use_gpu = backend == 'gpu' or gpu_tiling
   t = common.make_tiling(q, k, q_seg is not None, causal=causal, window=sliding_window,
-                         backend='gpu' if backend == 'gpu' else backend,
-                         blocks=(block_q, block_k, block_q_bwd, block_k_bwd))
-  if use_gpu:
+                         backend=backend, blocks=(block_q, block_k, block_q_bwd, block_k_bwd))
+  if backend == 'gpu' or gpu_tiling:
     return flash_gpu.flash_attention_gpu(t, q, k, v, q_seg, kv_seg)
   o_BHLD, _ = flash_tpu.attend(t, *common.to_kernel_layout(t, q, k, v, q_seg, kv_seg),
                                common.as_offsets(0, 0))
