@@ -420,7 +420,8 @@ def test_without_lm_eval_the_harness_is_a_one_line_install_hint(monkeypatch):
   from lmjax.config import ConfigError
   monkeypatch.setitem(sys.modules, 'lm_eval', None)  # as if the [eval] extra were missing
   monkeypatch.delitem(sys.modules, 'lmjax.evaluation.harness')
-  with pytest.raises(ConfigError, match=r'^harness tasks need lm-eval: pip install -e "\.\[eval\]"$'):
+  hint = r'^harness tasks need lm-eval: pip install -e "\.\[eval\]"$'
+  with pytest.raises(ConfigError, match=hint):
     importlib.import_module('lmjax.evaluation.harness')
 
 

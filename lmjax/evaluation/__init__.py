@@ -8,7 +8,7 @@
   loglikelihood  (context, continuation) log-likelihoods in fixed-shape batches (`Scorer`)
   harness     the lm-evaluation-harness model `lmjax` and running its tasks (imports lm-eval:
               imported only where harness tasks run)
-  workdir     `evaluate_workdir`: every evaluation of a trained workdir, recorded in it (`lmjax eval`)
+  workdir     `evaluate_workdir`: every evaluation of a workdir, recorded in it (`lmjax eval`)
 
 Nothing here imports the trainer: losses come from `models.transformer.forward` through
 `inference.scoring` (log-probabilities by `lmjax.losses`), or from the `eval_fn` a caller passes.

@@ -6,7 +6,7 @@ Every record becomes an item {'contexts': one context per choice, 'choices': con
 (`FieldMap`: NAME=SOURCE over CHOICE_FIELDS and 'subject'), after the schema's own mapping:
 
   lmjax       {"question", "choices": [...], "answer": index}
-  mmlu        {"question", "choices", "answer", "subject"}: the lettered question, choices " A".." D"
+  mmlu        {"question", "choices", "answer", "subject"}: the lettered question; " A".." D"
   hellaswag   {"ctx", "endings", "label", "activity_label"}: the endings continue the context
   arc         {"question", "choices": {"text", "label"}, "answerKey"}
   piqa        {"goal", "sol1", "sol2", "label"}

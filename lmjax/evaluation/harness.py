@@ -207,16 +207,15 @@ class LmjaxLM(TemplateLM):
     """Continuations of text contexts (`[bos] + encode(context)`, cut from the left to leave room
     for `max_new_tokens`), stopped at EOS, at a token that is an `until` string by itself, and cut
     at the first `until` string."""
-    from lmjax.inference.generate import SamplingConfig  # pylint: disable=g-import-not-at-top
-    from lmjax.inference.generate import decode, left_pad, prefill  # pylint: disable=g-import-not-at-top
+    from lmjax.inference import generate as gen  # pylint: disable=g-import-not-at-top
     tok, scorer = self.tokenizer_, self.scorer
     room = self.max_length - max_new_tokens
     if room < 1:
       raise ConfigError(f'max_gen_toks: {max_new_tokens} new tokens leave no room for a context in '
                         f'max_length={self.max_length}')
     single = [ids[0] for ids in (tok.encode(s) for s in until) if len(ids) == 1]
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                         stop_ids=tuple(dict.fromkeys((tok.eos_id, *single))))
+    cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                             stop_ids=tuple(dict.fromkeys((tok.eos_id, *single))))
     prompts = [self.tok_encode(c)[-room:] for c in contexts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: list = [None] * len(prompts)
@@ -224,13 +223,13 @@ class LmjaxLM(TemplateLM):
       chunk = order[start:start + scorer.rows]
       rows = [prompts[i] for i in chunk] + [[tok.bos_id]] * (scorer.rows - len(chunk))
       width = bucket_width(len(rows[0]), scorer.buckets)
-      tokens, positions, segments = map(scorer.place, left_pad(rows, tok.pad_id, width=width))
+      tokens, positions, segments = map(scorer.place, gen.left_pad(rows, tok.pad_id, width=width))
       with scorer.context():
-        logits, cache = prefill(self.model_cfg, self.params, tokens, positions, segments,
-                                max_len=width + max_new_tokens)
-        new = decode(self.model_cfg, cfg, self.params, cache, logits,
-                     np.asarray([len(r) for r in rows], np.int32), tokens, segments,
-                     jax.random.key(seed + start))
+        logits, cache = gen.prefill(self.model_cfg, self.params, tokens, positions, segments,
+                                    max_len=width + max_new_tokens)
+        new = gen.decode(self.model_cfg, cfg, self.params, cache, logits,
+                         np.asarray([len(r) for r in rows], np.int32), tokens, segments,
+                         jax.random.key(seed + start))
       new_tokens, lengths = jax.device_get((new[0], new[3]))
       for r, i in enumerate(chunk):
         ids = [int(t) for t in new_tokens[r, :int(lengths[r])]]
