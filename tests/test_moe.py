@@ -262,3 +262,10 @@ def test_lora_on_expert_weights_is_refused():
   config_lib.apply_overrides(config, ['peft.method=lora', 'peft.targets=moe/(gate|up)$'])
   with pytest.raises(config_lib.ConfigError, match='peft.targets: .* names MoE weights'):
     config_lib.validate(config)
+
+
+def test_mixtral_8x7b_preset_counts_match_the_published_sizes():
+  from lmjax.scaling import flops  # pylint: disable=import-outside-toplevel
+  counts = flops.param_counts(config_lib.load_config('mixtral_8x7b').model)
+  assert counts['total'] == 46_702_792_704  # "46.7B total, 12.9B active" (Mixtral paper)
+  assert counts['active'] == 12_879_925_248

@@ -1,4 +1,5 @@
-"""Import Hugging Face LLaMA / Mistral / Qwen2 checkpoints into lmjax workdirs; export them back.
+"""Import Hugging Face LLaMA / Mistral / Qwen2 / Mixtral checkpoints into lmjax workdirs; export them
+back.
 
 Weight layout (HF `nn.Linear` weights are (out, in); lmjax weights are (in, out...)):
   model.embed_tokens.weight (V, D)                 embed (V, D)
@@ -12,6 +13,11 @@ Weight layout (HF `nn.Linear` weights are (out, in); lmjax weights are (in, out.
   model.layers.{i}.post_attention_layernorm.weight    layers_{i}/mlp_norm/scale
   model.norm.weight                                   final_norm/scale
   lm_head.weight (V, D)                               lm_head (D, V)  (absent when tied)
+Mixtral (`model.moe`; the on-disk per-expert layout that transformers 5 also writes):
+  model.layers.{i}.block_sparse_moe.gate.weight (E, D)          layers_{i}/moe/router (D, E)
+  model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight (F, D) layers_{i}/moe/gate[j] (D, F)
+  ... experts.{j}.w3.weight (F, D)                              layers_{i}/moe/up[j] (D, F)
+  ... experts.{j}.w2.weight (D, F)                              layers_{i}/moe/down[j] (F, D)
 With `model.scan_layers` the per-layer weights are stacked under `layers/...` on a leading axis.
 
 RoPE: no permutation of q/k is needed. Hugging Face LLaMA checkpoints already use the rotate-half
@@ -36,6 +42,7 @@ from lmjax import workdir as workdir_lib
 from lmjax.convert import hf_config, weights
 from lmjax.convert.hf_config import ConversionError
 from lmjax.models import transformer
+from lmjax.models.moe import is_moe_layer
 
 # Copied from the HF dir into the workdir on import, and back on export.
 EXTRA_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
@@ -45,7 +52,8 @@ _IGNORED_TENSOR_SUFFIXES = ('.rotary_emb.inv_freq',)  # recomputed buffers in ol
 
 
 def _specs(cfg: transformer.ModelConfig):
-  """(layer index or None, path inside the layer or model, HF name, layout kind)."""
+  """(layer index or None, path inside the layer or model, HF name, layout kind, expert index or
+  None)."""
   specs = [(None, ('embed',), 'model.embed_tokens.weight', 'copy')]
   for i in range(cfg.num_layers):
     pre = f'model.layers.{i}.'
@@ -60,15 +68,27 @@ def _specs(cfg: transformer.ModelConfig):
     specs += [
         (i, ('attn', 'o'), pre + 'self_attn.o_proj.weight', 'proj_out'),
         (i, ('attn_norm', 'scale'), pre + 'input_layernorm.weight', 'copy'),
-        (i, ('mlp', 'gate'), pre + 'mlp.gate_proj.weight', 'transpose'),
-        (i, ('mlp', 'up'), pre + 'mlp.up_proj.weight', 'transpose'),
-        (i, ('mlp', 'down'), pre + 'mlp.down_proj.weight', 'transpose'),
         (i, ('mlp_norm', 'scale'), pre + 'post_attention_layernorm.weight', 'copy'),
     ]
+    if is_moe_layer(cfg.moe, i):
+      moe = pre + 'block_sparse_moe.'
+      specs.append((i, ('moe', 'router'), moe + 'gate.weight', 'transpose'))
+      for j in range(cfg.moe.num_experts):
+        specs += [(i, ('moe', name), moe + f'experts.{j}.{hf_name}.weight', 'transpose', j)
+                  for name, hf_name in (('gate', 'w1'), ('up', 'w3'), ('down', 'w2'))]
+    else:
+      specs += [(i, ('mlp', name), pre + f'mlp.{name}_proj.weight', 'transpose')
+                for name in ('gate', 'up', 'down')]
   specs.append((None, ('final_norm', 'scale'), 'model.norm.weight', 'copy'))
   if not cfg.tie_embeddings:
     specs.append((None, ('lm_head',), 'lm_head.weight', 'transpose'))
-  return specs
+  return [spec + (None,) * (5 - len(spec)) for spec in specs]
+
+
+def _lead(cfg, layer, expert) -> tuple:
+  """The leading indices of one HF tensor inside its lmjax leaf (stacked layer, expert)."""
+  return (((layer,) if cfg.scan_layers and layer is not None else ())
+          + ((expert,) if expert is not None else ()))
 
 
 def _tree_path(cfg, layer, path):
@@ -135,7 +155,7 @@ def load_hf_params(hf_dir: str, cfg: transformer.ModelConfig, *, allow_pickle: b
   reader = weights.open_checkpoint(hf_dir, allow_pickle)
   try:
     present = set(reader.names())
-    expected = {name for _, _, name, _ in specs}
+    expected = {spec[2] for spec in specs}
     if cfg.tie_embeddings:
       expected_optional = {'lm_head.weight'}  # some tied checkpoints store it anyway; unused
     else:
@@ -154,18 +174,18 @@ def load_hf_params(hf_dir: str, cfg: transformer.ModelConfig, *, allow_pickle: b
       return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
 
     params, stacked = {}, {}
-    for layer, path, name, kind in specs:
+    for layer, path, name, kind, expert in specs:
       tree_path = _tree_path(cfg, layer, path)
       leaf = _get(abstract, tree_path)
-      stacked_layer = cfg.scan_layers and layer is not None
-      shape = tuple(leaf.shape[1:]) if stacked_layer else tuple(leaf.shape)
+      lead = _lead(cfg, layer, expert)
+      shape = tuple(leaf.shape[len(lead):])
       array = _to_lmjax(kind, reader.get(name), shape, name).astype(leaf.dtype)
-      if stacked_layer:  # fill a host buffer; placed once every layer is in
-        if tree_path not in stacked:
-          stacked[tree_path] = np.empty(leaf.shape, leaf.dtype)
-        stacked[tree_path][layer] = array
-        if layer == cfg.num_layers - 1:
-          _set(params, tree_path, place(tree_path, stacked.pop(tree_path)))
+      if lead:  # fill a host buffer (stacked layers, experts); placed once every slice is in
+        buffer, filled = stacked.get(tree_path) or (np.empty(leaf.shape, leaf.dtype), 0)
+        buffer[lead] = array
+        stacked[tree_path] = (buffer, filled + 1)
+        if filled + 1 == int(np.prod(leaf.shape[:len(lead)])):
+          _set(params, tree_path, place(tree_path, stacked.pop(tree_path)[0]))
       else:
         _set(params, tree_path, place(tree_path, array))
       del array
@@ -188,6 +208,7 @@ def import_hf(hf_dir: str, workdir: str, *, dtype: str = 'float32', allow_pickle
     raise ConversionError(f'{workdir}: already holds training checkpoints, which would take '
                           'precedence over the converted params; use an empty workdir')
   config = config_lib.base_config()
+  config.model.moe.update(model_values.pop('moe', {}))
   config.model.update(model_values)
   config.model.param_dtype = dtype
   config.model.scan_layers = scan_layers
@@ -234,7 +255,7 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str | None = None, params=Non
   elif isinstance(params, dict) and set(params) == {'trainable', 'frozen'}:
     params = tasks.from_config(config).decoding_params(params)  # adapters merged
   specs = _specs(cfg)
-  wanted = {_tree_path(cfg, layer, path) for layer, path, _, _ in specs}
+  wanted = {_tree_path(cfg, spec[0], spec[1]) for spec in specs}
   leaves = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
   if leaves != wanted:
     extra = sorted('/'.join(p) for p in leaves - wanted) or sorted('/'.join(p)
@@ -249,18 +270,19 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str | None = None, params=Non
 
   by_name = {}
   tensors = []
-  for layer, path, name, kind in specs:
+  for layer, path, name, kind, expert in specs:
     leaf = _get(params, _tree_path(cfg, layer, path))
-    shape = leaf.shape[1:] if cfg.scan_layers and layer is not None else leaf.shape
+    shape = leaf.shape[len(_lead(cfg, layer, expert)):]
     hf_shape = _to_hf(kind, np.empty(shape, np.int8)).shape
     tensors.append((name, hf_shape, np_dtype))
-    by_name[name] = (layer, path, kind)
+    by_name[name] = (layer, path, kind, expert)
 
   def produce(name):
-    layer, path, kind = by_name[name]
+    layer, path, kind, expert = by_name[name]
     leaf = _get(params, _tree_path(cfg, layer, path))
-    if cfg.scan_layers and layer is not None:
-      leaf = leaf[layer]
+    lead = _lead(cfg, layer, expert)
+    if lead:
+      leaf = leaf[lead]
     return _to_hf(kind, np.asarray(jax.device_get(leaf))).astype(np_dtype)
 
   os.makedirs(hf_dir, exist_ok=True)

@@ -1,7 +1,8 @@
 """Hugging Face `config.json` <-> the lmjax `model` config group.
 
 Only architectures that lmjax computes exactly are accepted: LLaMA, Mistral (a LLaMA with a
-sliding attention window) and Qwen2 (a LLaMA with q/k/v projection biases, `model.qkv_bias`).
+sliding attention window), Qwen2 (a LLaMA with q/k/v projection biases, `model.qkv_bias`) and
+Mixtral (a Mistral whose MLPs are top-k softmax-routed experts, renormalised: `model.moe`).
 Every field that would change the computation and that lmjax does not implement raises
 `ConversionError` naming the field; nothing is approximated silently.
 
@@ -14,11 +15,13 @@ from __future__ import annotations
 import copy
 
 SUPPORTED_ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral',
-                           'Qwen2ForCausalLM': 'qwen2'}
+                           'Qwen2ForCausalLM': 'qwen2', 'MixtralForCausalLM': 'mixtral'}
 _REJECTED_ARCHITECTURES = {
     'Qwen3ForCausalLM': 'has q/k RMS norms, which lmjax attention does not implement',
     'GemmaForCausalLM': 'uses GeLU, (1 + w) RMSNorm scales and scaled embeddings',
-    'MixtralForCausalLM': 'is a mixture of experts',
+    'Qwen2MoeForCausalLM': 'has gated shared experts, which lmjax MoE does not implement',
+    'Qwen3MoeForCausalLM': 'has q/k RMS norms, which lmjax attention does not implement',
+    'DeepseekV3ForCausalLM': 'uses multi-head latent attention (MLA)',
 }
 _DEFAULT_ROPE_TYPES = (None, 'default')
 
@@ -92,8 +95,14 @@ def model_config_from_hf(hf: dict) -> dict:
       raise ConversionError(f'{key}: projection biases are not supported')
   if hf.get('quantization_config'):
     raise ConversionError('quantization_config: quantized checkpoints are not supported')
-  if hf.get('num_experts') or hf.get('num_local_experts'):
-    raise ConversionError('num_local_experts: mixture-of-experts models are not supported')
+  moe = {}
+  if arch == 'MixtralForCausalLM':
+    moe = dict(num_experts=int(_require(hf, 'num_local_experts')),
+               experts_per_token=int(_require(hf, 'num_experts_per_tok')),
+               expert_mlp_dim=int(_require(hf, 'intermediate_size')))
+  elif hf.get('num_experts') or hf.get('num_local_experts'):
+    raise ConversionError('num_local_experts: mixture-of-experts models other than Mixtral are '
+                          'not supported')
   theta, rope_scaling = _rope_settings(hf)
 
   d_model = int(_require(hf, 'hidden_size'))
@@ -107,7 +116,7 @@ def model_config_from_hf(hf: dict) -> dict:
     # slides all or none, and this is not checked to match transformers exactly.
     raise ConversionError('use_sliding_window: Qwen2 sliding-window attention is not supported '
                           '(only use_sliding_window=false)')
-  if arch == 'MistralForCausalLM' and hf.get('sliding_window'):
+  if arch in ('MistralForCausalLM', 'MixtralForCausalLM') and hf.get('sliding_window'):
     sliding_window = int(hf['sliding_window'])
   elif hf.get('sliding_window') and hf.get('use_sliding_window', True):
     raise ConversionError(f'sliding_window: {arch} does not use a sliding window in '
@@ -133,6 +142,7 @@ def model_config_from_hf(hf: dict) -> dict:
       sliding_window=sliding_window,
       qkv_bias=qkv_bias,
       **rope_scaling,
+      **({'moe': moe} if moe else {}),
   )
 
 
@@ -148,7 +158,19 @@ def hf_config_from_model(model, dtype: str, base: dict | None = None,
   if qkv_bias and model.sliding_window:
     raise ConversionError('model.sliding_window: a sliding window with model.qkv_bias has no exact '
                           'HF equivalent (Qwen2 with use_sliding_window is not supported)')
-  if qkv_bias:
+  moe = model.get('moe', {})
+  if moe and moe.num_experts:
+    arch = 'MixtralForCausalLM'
+    for key, ok in (('num_shared_experts', moe.num_shared_experts == 0),
+                    ('first_k_dense', moe.first_k_dense == 0), ('moe_every', moe.moe_every == 1),
+                    ('router', moe.router in ('softmax_topk', 'topk_softmax')),
+                    ('renormalize', moe.renormalize or moe.router == 'topk_softmax'),
+                    ('qkv_bias', not qkv_bias)):
+      if not ok:
+        raise ConversionError(f'model.moe.{key}: {moe.get(key, qkv_bias)!r} has no Mixtral '
+                              'equivalent (Mixtral: every layer MoE, renormalised softmax top-k, '
+                              'no shared experts)')
+  elif qkv_bias:
     arch = 'Qwen2ForCausalLM'
   else:
     arch = 'MistralForCausalLM' if model.sliding_window else 'LlamaForCausalLM'
@@ -173,7 +195,14 @@ def hf_config_from_model(model, dtype: str, base: dict | None = None,
       rms_norm_eps=model.norm_eps,
       tie_word_embeddings=bool(model.tie_embeddings),
   )
-  if qkv_bias:  # Qwen2: q/k/v biases are implied; no attention_bias / mlp_bias fields
+  if arch == 'MixtralForCausalLM':
+    for key in ('attention_bias', 'mlp_bias'):
+      hf.pop(key, None)
+    hf.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
+              intermediate_size=moe.expert_mlp_dim or model.mlp_dim, router_jitter_noise=0.0,
+              router_aux_loss_coef=moe.aux_loss_coef, output_router_logits=False,
+              sliding_window=model.sliding_window or None)
+  elif qkv_bias:  # Qwen2: q/k/v biases are implied; no attention_bias / mlp_bias fields
     hf['use_sliding_window'] = False
   else:
     hf.update(attention_bias=False, mlp_bias=False)
