@@ -3,6 +3,7 @@ through libtpu on this CPU host (the `[tpu]` extra), checked against independent
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -182,6 +183,29 @@ def test_post_training_tasks_compile_for_tpu(preset, arrays, tmp_path):
   assert list(saved) == ['train_step'] and len(saved['train_step'][0]) > 10_000
 
 
+def test_ppo_compiles_its_rollout_and_scoring_programs():
+  target = topology_lib.parse('v5e:2x2')
+  config = _tiny(os.path.join(POST, 'ppo_tiny.py'), *LAYOUTS['fsdp'])
+  report = aot.compile_run(config, topology_lib.devices(target), usable=target.usable_hbm_bytes)
+  assert [p.name for p in report.programs] == ['rollout', 'score', 'train_step'] and report.fits
+  # rollouts of seq_len tokens (prompt + new): updated ppo_epochs times; the rollout itself, the
+  # policy, reference and value scoring passes run forward only (no reward model in this config)
+  post = config.post
+  rows = post.rollout_batch * config.seq_len
+  assert report.tokens_per_step == (post.ppo_epochs * rows, 3 * rows)
+
+
+def test_multi_slice_compiles_with_data_over_dcn():
+  target = topology_lib.parse('v5e:2x2', num_slices=2)
+  devices = topology_lib.devices(target)
+  assert sorted({d.slice_index for d in devices}) == [0, 1]
+  config = _tiny('tiny', 'sharding=dp_fsdp_tp', 'mesh.data=2', 'mesh.dcn_data=2', 'mesh.fsdp=-1')
+  report = aot.compile_run(config, devices, target=target.describe(),
+                           usable=target.usable_hbm_bytes)
+  assert report.mesh == {'data': 2, 'fsdp': 4} and report.fits
+  assert target.describe() == 'v5e:2x2 (v5e:2x2 x 2 slices, 8 chips)'
+
+
 def test_cpu_devices_compile_with_exact_argument_bytes():
   config = _tiny('tiny')
   report = aot.compile_run(config, jax.devices()[:1])
@@ -237,12 +261,12 @@ def test_presets_fit_their_pods(preset, topology, usable):
   # optimizer state per chip, computed from the sharding rules
   step = next(line for line in result.stdout.splitlines() if 'train_step' in line).split()
   analytic = next(line for line in result.stdout.splitlines() if line.startswith('analytic'))
-  words = analytic.split()
-  figures = dict(zip(words[4::2], words[5::2]))
-  value, unit = step[step.index('arguments') + 1:step.index('arguments') + 3]
-  arguments = float(value) / (1024 if unit == 'MiB' else 1)
-  assert arguments == pytest.approx(float(figures['params'].rstrip(',')) +
-                                    float(figures['optimizer'].rstrip(',')), abs=0.02)
+  unit = analytic.split('(')[1].split(')')[0]
+  figures = dict(re.findall(r'(\w+) ([\d.]+)', analytic.split(':', 1)[1]))
+  value, arguments_unit = step[step.index('arguments') + 1:step.index('arguments') + 3]
+  to_gib = lambda x, u: float(x) / (1024 if u == 'MiB' else 1)
+  assert to_gib(value, arguments_unit) == pytest.approx(
+      to_gib(figures['params'], unit) + to_gib(figures['optimizer'], unit), abs=0.02)
   assert 'all-reduce' in result.stdout  # gradients (fsdp: reduce-scattered or all-reduced)
 
 

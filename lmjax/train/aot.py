@@ -207,9 +207,10 @@ def format_report(report: Report, config) -> str:
                  f'{mib(program.temporaries)}  outputs {mib(program.outputs)}  (aliased '
                  f'{mib(program.aliased).strip()})  total {mib(program.total)}')
   estimate = report.estimate
-  lines.append('analytic estimate per chip: ' + ', '.join(
-      f'{name} {estimate[name] / GIB:.2f}' for name in ('params', 'grads', 'optimizer',
-                                                         'activations', 'total')) + ' GiB')
+  unit, scale = ('GiB', GIB) if estimate['total'] >= GIB / 10 else ('MiB', 2**20)
+  lines.append(f'analytic estimate per chip ({unit}): ' + ', '.join(
+      f'{name} {estimate[name] / scale:.2f}' for name in ('params', 'grads', 'optimizer',
+                                                           'activations', 'total')))
   if report.collectives:
     lines.append('train step collectives (ops in the HLO, bytes per chip): ' + ', '.join(
         f'{kind} {count} ({nbytes / 2**20:,.1f} MiB)'
