@@ -45,7 +45,7 @@ def flash_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL=None, *, causal: bool
     zero gradients).
   """
   q, k, v = q_BLHD, k_BSKD, v_BSKD
-  common.check_args(q, k, v, causal, sliding_window)
+  common.check_args(q, k, v, sliding_window)
   batch, q_len = q.shape[:2]
   kv_len = k.shape[1]
   if (causal or sliding_window > 0) and q_len != kv_len:

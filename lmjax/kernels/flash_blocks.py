@@ -30,7 +30,7 @@ def attention_block(q_BLHD, k_BSKD, v_BSKD, segment_ids=None, *, q_offset=0, kv_
   no visible key have o = 0 and lse = -inf (they weigh nothing in a merge).
   """
   q, k, v = q_BLHD, k_BSKD, v_BSKD
-  common.check_args(q, k, v, causal, sliding_window)
+  common.check_args(q, k, v, sliding_window)
   backend = common.resolve_backend(backend, None)
   if backend == 'gpu':
     raise ValueError('flash attention: the block API runs on the TPU tiling (backend tpu or '

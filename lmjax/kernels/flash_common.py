@@ -133,13 +133,13 @@ def pick_block(block: int, length: int, name: str, backend: str) -> int:
   return min(block, max(smallest, 1 << max(0, length - 1).bit_length()))
 
 
-def check_args(q, k, v, causal: bool, sliding_window: int):
+def check_args(q, k, v, sliding_window: int):
   """Shapes and options; raises a one-line ValueError."""
   if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
     raise ValueError(f'flash attention: bad shapes q={q.shape} k={k.shape} v={v.shape}; want '
                      '(batch, len, heads, head_dim) with k and v alike')
-  batch, q_len, num_heads, head_dim = q.shape
-  kb, kv_len, num_kv_heads, kd = k.shape
+  batch, _, num_heads, head_dim = q.shape
+  kb, _, num_kv_heads, kd = k.shape
   if kb != batch or kd != head_dim:
     raise ValueError(f'flash attention: q {q.shape} and k {k.shape} disagree on batch/head_dim')
   if num_heads % num_kv_heads:
@@ -149,7 +149,6 @@ def check_args(q, k, v, causal: bool, sliding_window: int):
     raise ValueError(f'flash attention: sliding_window={sliding_window} must be >= 0')
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'flash attention: dtypes differ: {q.dtype} {k.dtype} {v.dtype}')
-  del causal, q_len, kv_len
 
 
 def split_segments(segment_ids, batch: int, q_len: int, kv_len: int):

@@ -14,6 +14,8 @@ under their own `shard_map`): batch and heads are split as the logical-axis rule
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -134,18 +136,14 @@ def _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_wi
   free = [axis for axis in sizes if axis not in mesh.manual_axes]
   if not any(sizes[axis] > 1 for axis in free):
     return kernel(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
-  batch, _, num_heads, _ = q_BLHD.shape
+  num_heads = q_BLHD.shape[2]
   q_spec = _kernel_spec(('act_batch', None, 'act_heads', None), mesh, sizes, q_BLHD.shape)
-  head_axes = _axes(q_spec[2])
-  heads_split = 1
-  for axis in head_axes:
-    heads_split *= sizes[axis]
+  heads_split = math.prod(sizes[axis] for axis in _axes(q_spec[2]))
   if k_BSKD.shape[2] % heads_split:  # kv heads do not split like the q heads: one per q head
     group = num_heads // k_BSKD.shape[2]
     k_BSKD, v_BSKD = (jnp.repeat(x, group, axis=2) for x in (k_BSKD, v_BSKD))
   kv_spec = PartitionSpec(q_spec[0], None, q_spec[2], None)
   seg_spec = PartitionSpec(q_spec[0], None)
-  del batch
   return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
                        axis_names=set(free), check_vma=False)(q_BLHD, k_BSKD, v_BSKD,
                                                              segment_ids_BL)
