@@ -128,7 +128,7 @@ def make_preference_iterator(config, tok, process_index: int = 0, process_count:
 
   iterator = sft.EpochIterator(data['train'], make_rows, config.batch_size, config.seed,
                                process_index, process_count)
-  iterator.report = data['train_report']
+  iterator.report, iterator.eval_report = data['train_report'], data['eval_report']
   return iterator
 
 

@@ -30,6 +30,10 @@ def report_data(config, train_iter, eval_batches, verbose: bool = True) -> dict:
   if report is not None:
     metrics.update(report.as_metrics('data/'))
     lines.append(f'data: {report.line()}')
+  eval_report = getattr(train_iter, 'eval_report', None)
+  if eval_report is not None:
+    metrics.update(eval_report.as_metrics('data/eval_'))
+    lines.append(f'data: held out: {eval_report.line()}')
   skipped = getattr(train_iter, 'skipped_documents', None)
   if skipped:
     metrics['data/skipped'] = skipped

@@ -162,7 +162,7 @@ def make_sft_iterator(config, tok, process_index: int = 0, process_count: int = 
   make_rows = lambda example_at, start, rows: pack_examples(example_at, start, rows, row_len, pack)
   iterator = EpochIterator(data['train'], make_rows, config.batch_size, config.seed,
                            process_index, process_count)
-  iterator.report = data['train_report']
+  iterator.report, iterator.eval_report = data['train_report'], data['eval_report']
   return iterator
 
 
