@@ -24,7 +24,9 @@ dimension of 1 would be padded to 128 lanes); a kernel needing a column transpos
 
 Skipping: a (q block, kv block) pair with no visible pair of positions (causal, sliding window,
 disjoint segment-id ranges) runs no arithmetic (`pl.when`), and for causal/window the index map
-repeats a block that is already resident, so the pipeline copies nothing. Block offsets are runtime
+repeats a block that is already resident, so the pipeline copies nothing. A pair whose every
+(query, key) is visible (below the diagonal, inside the window, unpadded, one segment id) runs
+without building a mask. Block offsets are runtime
 scalars (scalar prefetch), together with the per-block segment-id ranges.
 
 Online softmax: m' = max(m, rowmax(s)); p = exp(s - m'); l' = exp(m - m') l + rowsum(p);
@@ -67,6 +69,30 @@ def _pair_visible(t: Tiling, scalars, b, i, j, bq: int, bk: int):
     qi, kj = b * nq + i, b * nk + j
     ok = ok & (q_lo[qi] <= k_hi[kj]) & (k_lo[kj] <= q_hi[qi])
   return ok
+
+
+def _when_visible(t: Tiling, scalars, b, i, j, bq: int, bk: int, step):
+  """Runs `step(masked)` for a visible block pair: `masked=False` when every pair of the block is
+  visible (interior blocks: no iota, compare or select), else `masked=True`."""
+  visible = _pair_visible(t, scalars, b, i, j, bq, bk)
+  if not (t.causal or t.window > 0 or t.kv_padded or t.has_segments):
+    pl.when(visible)(lambda: step(False))
+    return
+  offsets = scalars[0]
+  q_first, k_first = offsets[0] + i * bq, offsets[1] + j * bk
+  whole = jnp.bool_(True)
+  if t.causal:  # the block's last key is at or before its first query
+    whole = whole & (k_first + bk - 1 <= q_first)
+  if t.window > 0:  # its last query is within the window of its first key
+    whole = whole & (q_first + bq - 1 - k_first < t.window)
+  if t.kv_padded:
+    whole = whole & ((j + 1) * bk <= t.kv_len)
+  if t.has_segments:  # one segment id on both sides
+    q_lo, q_hi, k_lo, k_hi = scalars[1:]
+    qi, kj = b * (t.q_len_pad // bq) + i, b * (t.kv_len_pad // bk) + j
+    whole = whole & (q_lo[qi] == q_hi[qi]) & (k_lo[kj] == k_hi[kj]) & (q_lo[qi] == k_lo[kj])
+  pl.when(visible & whole)(lambda: step(False))
+  pl.when(visible & jnp.logical_not(whole))(lambda: step(True))
 
 
 def _kv_index(t: Tiling, scalars, i, j, bq: int, bk: int):
@@ -117,14 +143,13 @@ def _fwd_kernel(*refs, t: Tiling, num_scalars: int):
     if qcol_scr:
       qcol_scr[0][...] = _lanes(qseg_ref[...])
 
-  @pl.when(_pair_visible(t, scalars, b, i, j, bq, bk))
-  def _step():
+  def _step(masked):
     v = v_ref[...]
     s = dot(q_ref[...], k_ref[...], 1, 1) * t.scale  # (bq, bk) float32
-    offsets = scalars[0]
-    segs = (None, None) if qseg_ref is None else (qcol_scr[0][...][:, :1], kseg_ref[...])
-    mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bq, bk), *segs)
-    if mask is not None:
+    if masked:
+      offsets = scalars[0]
+      segs = (None, None) if qseg_ref is None else (qcol_scr[0][...][:, :1], kseg_ref[...])
+      mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bq, bk), *segs)
       s = jnp.where(mask, s, NEG_INF)
     m = m_scr[...][:, :1]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -135,6 +160,8 @@ def _fwd_kernel(*refs, t: Tiling, num_scalars: int):
     acc_scr[...] = corr * acc_scr[...] + dot(p.astype(v.dtype), v, 1, 0)
     m_scr[...] = jnp.broadcast_to(m_new, m_scr.shape)
     l_scr[...] = jnp.broadcast_to(l_new, l_scr.shape)
+
+  _when_visible(t, scalars, b, i, j, bq, bk, _step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -164,17 +191,18 @@ def _dq_kernel(*refs, t: Tiling, num_scalars: int):
     if qcol_scr:
       qcol_scr[0][...] = _lanes(qseg_ref[...])
 
-  @pl.when(_pair_visible(t, scalars, b, i, j, bq, bk))
-  def _step():
+  def _step(masked):
     k = k_ref[...]
     p = jnp.exp(dot(q_ref[...], k, 1, 1) * t.scale - lse_scr[...][:, :1])
-    offsets = scalars[0]
-    segs = (None, None) if qseg_ref is None else (qcol_scr[0][...][:, :1], kseg_ref[...])
-    mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bq, bk), *segs)
-    if mask is not None:
+    if masked:
+      offsets = scalars[0]
+      segs = (None, None) if qseg_ref is None else (qcol_scr[0][...][:, :1], kseg_ref[...])
+      mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bq, bk), *segs)
       p = jnp.where(mask, p, 0.0)
     ds = p * (dot(do_ref[...], v_ref[...], 1, 1) - delta_scr[...][:, :1])
     dq_scr[...] += dot(ds.astype(k.dtype), k, 1, 0)  # ds k
+
+  _when_visible(t, scalars, b, i, j, bq, bk, _step)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -198,19 +226,20 @@ def _dkv_kernel(*refs, t: Tiling, num_scalars: int):
     if kcol_scr:
       kcol_scr[0][...] = _lanes(kseg_ref[...])
 
-  @pl.when(_pair_visible(t, scalars, b, i, j, bq, bk))
-  def _step():
+  def _step(masked):
     q, do = q_ref[...], do_ref[...]
     p = jnp.exp(dot(k_ref[...], q, 1, 1) * t.scale - lse_ref[...])  # (bk, bq)
-    offsets = scalars[0]
-    segs = (None, None) if qseg_ref is None else (qseg_ref[...], kcol_scr[0][...][:, :1])
-    mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bk, bq), *segs,
-                      transposed=True)
-    if mask is not None:
+    if masked:
+      offsets = scalars[0]
+      segs = (None, None) if qseg_ref is None else (qseg_ref[...], kcol_scr[0][...][:, :1])
+      mask = block_mask(t, offsets[0] + i * bq, offsets[1] + j * bk, j * bk, (bk, bq), *segs,
+                        transposed=True)
       p = jnp.where(mask, p, 0.0)
     ds = p * (dot(v_ref[...], do, 1, 1) - delta_ref[...])
     dv_scr[...] += dot(p.astype(do.dtype), do, 1, 0)  # p^T do
     dk_scr[...] += dot(ds.astype(q.dtype), q, 1, 0)  # ds^T q
+
+  _when_visible(t, scalars, b, i, j, bq, bk, _step)
 
   @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
   def _finish():
