@@ -269,3 +269,18 @@ def test_mixtral_8x7b_preset_counts_match_the_published_sizes():
   counts = flops.param_counts(config_lib.load_config('mixtral_8x7b').model)
   assert counts['total'] == 46_702_792_704  # "46.7B total, 12.9B active" (Mixtral paper)
   assert counts['active'] == 12_879_925_248
+
+
+def test_beam_search_log_probs_equal_the_full_forward():
+  from lmjax.inference.generate import generate  # pylint: disable=import-outside-toplevel
+  from lmjax.inference.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
+  cfg = _model()
+  p = _params(cfg)
+  prompts = [[5, 9, 2, 7], [3]]
+  out = generate(cfg, p, prompts, SamplingConfig(max_new_tokens=4, num_beams=3))
+  for row, prompt in enumerate(prompts):
+    full = np.asarray([prompt + list(out['tokens'][row])], np.int32)
+    logits = forward(cfg, p, full, np.arange(full.shape[1])[None], np.ones_like(full))
+    logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
+    expected = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(out['tokens'][row])]
+    np.testing.assert_allclose(out['logprobs'][row], expected, atol=2e-5)
