@@ -49,12 +49,12 @@ def naive_attention(q, k, v, q_seg=None, kv_seg=None, *, causal=True,
 
 
 def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
-  kq, kk, kv, kd = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(kq, (batch, q_len, heads, head_dim), jnp.float32)
-  k = jax.random.normal(kk, (batch, kv_len, kv_heads, head_dim), jnp.float32)
-  v = jax.random.normal(kv, (batch, kv_len, kv_heads, head_dim), jnp.float32)
-  do = jax.random.normal(kd, q.shape, jnp.float32)
-  return q.astype(dtype), k.astype(dtype), v.astype(dtype), do.astype(dtype)
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+  q = normal(batch, q_len, heads, head_dim)
+  k = normal(batch, kv_len, kv_heads, head_dim)
+  v = normal(batch, kv_len, kv_heads, head_dim)
+  return q, k, v, normal(*q.shape)
 
 
 def _packed_segments(seed, batch, length, max_docs=4):
