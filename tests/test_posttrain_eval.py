@@ -161,3 +161,72 @@ def test_ppo_held_out_greedy_reward_and_kl():
   np.testing.assert_allclose([got['score'], got['kl'], got['response_length'], got['prompts']],
                              [np.mean(scores), np.mean(kls), np.mean(lengths), 8], atol=3e-4)
   assert abs(got['kl']) > 0.01 and got['score'] > 0  # the policy is not its reference
+
+
+def _log1m_exp(x):
+  return np.log(-np.expm1(x))
+
+
+@pytest.mark.parametrize('loss_type', ['ipo', 'hinge', 'orpo', 'kto'])
+def test_dpo_family_eval_metrics_equal_numpy(loss_type):
+  """`eval_sums` + `eval_metrics` of each DPO-family loss on a policy moved off its reference
+  (full fine-tuning: the reference is the frozen copy), against numpy log-probs."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from lmjax.config import base_config  # pylint: disable=g-import-not-at-top
+  from lmjax.data import preference  # pylint: disable=g-import-not-at-top
+  from lmjax.train.state import init_state  # pylint: disable=g-import-not-at-top
+  c = base_config()
+  c.task, c.post.train_file, c.post.loss_type, c.post.beta = 'dpo', 'unused', loss_type, 0.5
+  c.model.vocab_size, c.model.num_layers, c.model.d_model = 64, 2, 32
+  c.model.num_heads, c.model.num_kv_heads, c.model.mlp_dim, c.model.dtype = 4, 2, 64, 'float32'
+  task = tasks.from_config(c)
+  params = nn.unbox(init_state(task, task.optimizer(c)[0], 0).params)
+  leaves, treedef = jax.tree.flatten(params['trainable'])
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params['trainable'] = jax.tree.unflatten(treedef, [
+      x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+  class Tok:
+    bos_id, eos_id = 2, 3
+
+    def encode(self, text):
+      return [4 + ord(ch) % 60 for ch in text]
+
+  pairs = [preference.encode_pair(Tok(), {'prompt': f'q{i}:', 'chosen': ' yes' * (i + 1),
+                                          'rejected': ' no'}) for i in range(4)]
+  batch = preference.pair_batch(pairs, 20)
+  got = task.eval_metrics(jax.tree.map(float, jax.jit(task.eval_sums)(params, batch)))
+  model = params_lib.model_params(task, params)
+  lp, ref, count = {}, {}, {}
+  for side in ('chosen', 'rejected'):
+    lp[side] = _target_logps(task.model, model, batch, f'{side}_').sum(1)
+    if loss_type != 'orpo':  # ORPO has no reference
+      ref[side] = _target_logps(task.model, params['frozen']['ref'], batch, f'{side}_').sum(1)
+    count[side] = batch[f'{side}_weights'].sum(1)
+  beta = 0.5
+  if loss_type == 'orpo':
+    avg = {s: lp[s] / count[s] for s in lp}
+    log_odds = (avg['chosen'] - _log1m_exp(avg['chosen'])) - (
+        avg['rejected'] - _log1m_exp(avg['rejected']))
+    loss = np.mean(-avg['chosen'] + beta * np.log1p(np.exp(-log_odds)))
+    rc, rr = beta * avg['chosen'], beta * avg['rejected']
+  else:
+    rc, rr = beta * (lp['chosen'] - ref['chosen']), beta * (lp['rejected'] - ref['rejected'])
+    h = (rc - rr) / beta
+    if loss_type == 'ipo':
+      loss = np.mean((h - 1 / (2 * beta))**2)
+    elif loss_type == 'hinge':
+      loss = np.mean(np.maximum(0.0, 1 - beta * h))
+    else:  # kto on pairs: chosen rows desirable, rejected rows undesirable
+      ratio = np.concatenate([rc, rr]) / beta
+      z0 = max(0.0, np.mean(ratio))
+      sig = lambda x: 1 / (1 + np.exp(-x))
+      loss = np.mean(np.concatenate([1 - sig(beta * (ratio[:4] - z0)),
+                                     1 - sig(beta * (z0 - ratio[4:]))]))
+  want = {'loss': loss, 'accuracy': np.mean(rc > rr), 'margin': np.mean(rc - rr),
+          'chosen_reward': np.mean(rc), 'rejected_reward': np.mean(rr),
+          'chosen_logps': np.mean(lp['chosen']), 'rejected_logps': np.mean(lp['rejected']),
+          'pairs': 4}
+  np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-4, atol=1e-5)
+  assert 0 < want['accuracy'] < 1 or abs(want['margin']) > 1e-3  # not a degenerate batch
