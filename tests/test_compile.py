@@ -275,7 +275,7 @@ def test_7b_on_eight_v5e_chips_does_not_fit():
   assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-3000:]
   verdict = _verdict(result)
   assert verdict.startswith('does not fit: needs ') and 'of 15.75 per chip (try: ' in verdict
-  assert float(verdict.split()[3]) > 15.75
+  assert float(verdict.split()[4]) > 15.75
 
 
 @pytest.mark.parametrize('args, message', [
