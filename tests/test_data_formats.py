@@ -159,13 +159,24 @@ def test_pretraining_sources_read_record_files(tmp_path, name):
   assert len(sources.load_sources(data)[0].skipped) == 1
 
 
-def test_a_one_document_corpus_says_why_there_is_no_eval_set(tmp_path, capsys):
+def test_a_one_file_corpus_is_held_out_by_position(tmp_path, capsys):
   from lmjax.config import base_config  # pylint: disable=g-import-not-at-top
-  from lmjax.data import report_data  # pylint: disable=g-import-not-at-top
+  from lmjax.data import pipeline, report_data, sources  # pylint: disable=g-import-not-at-top
+  text = ''.join(f'line {i}: ' + 'word ' * (i % 7) + '\n' for i in range(500))
+  (tmp_path / 'shakespeare.txt').write_text(text)
+  data = base_config().data
+  data.source, data.eval_fraction = str(tmp_path / 'shakespeare.txt'), 0.1
+  docs = sources.load_sources(data)[0].docs
+  train, held = sources.split_eval(docs, 0.1)
+  chunks = sorted(train + held, key=lambda r: r.offset)
+  assert len(chunks) == 10 and held and not set(train) & set(held)
+  assert ''.join(sources.read_document(r, 'text') for r in chunks) == text  # cut at line ends
+  assert all(sources.read_document(r, 'text').endswith('\n') for r in chunks)
+  assert pipeline.eval_refs(sources.load_sources(data), 0.1) == held
   config = base_config()
-  config.data.source = str(tmp_path / 'shakespeare.txt')
+  config.data.source = str(tmp_path / 'one.jsonl')
   assert report_data(config, iter(()), []) == {}
   assert capsys.readouterr().out == (
-      f"data: no held-out evaluation: data.source '{tmp_path}/shakespeare.txt' gave no held-out "
-      'document (data.eval_fraction=0.02; a source of a single document stays in training: split '
-      'it into several files or JSON lines)\n')
+      f"data: no held-out evaluation: data.source '{tmp_path}/one.jsonl' gave no held-out "
+      'document (data.eval_fraction=0.02; a single JSON line or a file of one line stays in '
+      'training)\n')

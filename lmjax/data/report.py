@@ -11,8 +11,8 @@ def no_eval_reason(config) -> str:
     return 'eval_batches=0'
   if config.task == 'pretrain':
     return (f'data.source {config.data.source!r} gave no held-out document (data.eval_fraction='
-            f'{config.data.eval_fraction}; a source of a single document stays in training: '
-            'split it into several files or JSON lines)')
+            f'{config.data.eval_fraction}; a single JSON line or a file of one line stays in '
+            'training)')
   if config.post.eval_file:
     return f'post.eval_file {config.post.eval_file} gave no usable example'
   fraction = config.post.eval_fraction

@@ -39,8 +39,9 @@ class DocRef(NamedTuple):
   source_index: int
   path: str
   line: int
-  offset: int  # byte offset of the JSONL line; 0 for whole files
+  offset: int  # byte offset of the JSONL line or of a file's chunk; 0 for whole files
   key: str  # stable identity, hashed for the held-out split
+  length: int = -1  # bytes of a file's chunk (a one-file source cut by position); -1 = all
 
 
 @dataclasses.dataclass
@@ -236,12 +237,37 @@ def skipped_count(sources: list[Source]) -> int:
   return sum(len(s.skipped) for s in sources)
 
 
+def file_chunks(ref: DocRef, count: int) -> list[DocRef]:
+  """A whole-file document cut by position into about `count` chunks, each ending at a newline
+  (the file's end for the last): the documents of a one-file corpus."""
+  try:
+    size = os.path.getsize(ref.path)
+    with open(ref.path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise DataError(f'{ref.path}: cannot read: {e.strerror or e}') from None
+  chunks, start = [], 0
+  for i in range(1, count + 1):
+    end = size if i == count else data.find(b'\n', max(start, size * i // count)) + 1
+    if end <= start:  # no newline left: the rest is one chunk
+      end = size
+    if end > start:
+      chunks.append(ref._replace(offset=start, length=end - start, key=f'{ref.key}@{start}'))
+    start = end
+    if start >= size:
+      break
+  return chunks
+
+
 def split_eval(docs: list[DocRef], fraction: float) -> tuple[list[DocRef], list[DocRef]]:
   """Splits into (train, eval) by a hash of each document's identity, not its position.
 
-  With `fraction > 0` at least one document is held out, unless the source has a single document
-  (it then stays in training).
+  With `fraction > 0` at least one document is held out. A source of one whole file is first cut
+  by position into `max(2, round(1 / fraction))` chunks at line ends (`file_chunks`).
   """
+  if fraction > 0 and len(docs) == 1 and docs[0].line == 0 and docs[0].length < 0:
+    chunks = file_chunks(docs[0], max(2, round(1 / fraction)))
+    docs = chunks if len(chunks) > 1 else docs
   if fraction <= 0 or len(docs) < 2:
     return list(docs), []
   hashes = [unit_hash(d.key, 'eval') for d in docs]
@@ -255,6 +281,17 @@ def split_eval(docs: list[DocRef], fraction: float) -> tuple[list[DocRef], list[
 
 def read_document(ref: DocRef, text_field: str) -> str:
   """The text of one document; raises DataError naming the file (and line)."""
+  if ref.line == 0 and ref.length >= 0:
+    try:
+      with open(ref.path, 'rb') as f:
+        f.seek(ref.offset)
+        data = f.read(ref.length)
+    except OSError as e:
+      raise DataError(f'{ref.path}: cannot read: {e.strerror or e}') from None
+    try:
+      return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise DataError(f'{ref.path}: not valid UTF-8 (byte {ref.offset + e.start})') from None
   if ref.line == 0:
     return _read_text_file(ref.path)
   if ref.offset < 0:
