@@ -34,9 +34,11 @@ def report_data(config, train_iter, eval_batches, verbose: bool = True) -> dict:
   if eval_report is not None:
     metrics.update(eval_report.as_metrics('data/eval_'))
     lines.append(f'data: held out: {eval_report.line()}')
-  skipped = getattr(train_iter, 'skipped_documents', None)
-  if skipped:
+  skipped = getattr(train_iter, 'skipped', None)  # pretraining: bad documents skipped
+  if report is None and skipped is not None:
     metrics['data/skipped'] = skipped
+    if skipped:
+      lines.append(f'data: skipped {skipped} bad documents (data.on_bad_input=skip)')
   if eval_batches:
     rows = sum(len(next(iter(b.values()))) for b in eval_batches)
     metrics['data/eval_rows'] = rows
