@@ -26,7 +26,6 @@ LAYOUTS = {  # name -> (data, fsdp, tensor, expert, dispatch)
     'expert4_fsdp2': (1, 2, 1, 4, 'dropless'),
     'expert2_tensor2_data2': (2, 1, 2, 2, 'dropless'),
     'expert8_capacity': (1, 1, 1, 8, 'capacity'),
-    'expert2_tensor2_data2_capacity': (2, 1, 2, 2, 'capacity'),
 }
 
 

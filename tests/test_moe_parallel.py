@@ -11,8 +11,7 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-LAYOUTS = ['expert8', 'expert4_fsdp2', 'expert2_tensor2_data2', 'expert8_capacity',
-           'expert2_tensor2_data2_capacity']
+LAYOUTS = ['expert8', 'expert4_fsdp2', 'expert2_tensor2_data2', 'expert8_capacity']
 
 
 @pytest.fixture(scope='module')
