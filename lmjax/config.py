@@ -22,7 +22,8 @@ except ModuleNotFoundError:  # tools/accelerator_check.py's minimal runtime: sch
   ml_collections = None
 
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline', 'expert')  # `expert`: MoE expert parallelism
+# `expert`: MoE expert parallelism; `context`: the sequence split (ring attention)
+MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline', 'expert', 'context')
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   # a time, recomputed in the backward pass, instead of holding the (batch, seq, vocab) float32
   # logits and their gradient; the same loss. 0 = off. Not with pipeline stages (mesh.pipeline)
   m.logits_chunk = 0
+  m.context_parallel = 'ring'  # ring | allgather: attention under mesh.context > 1
   # mixture of experts (lmjax.models.moe, docs/moe.md); num_experts = 0 is a dense model and every
   # other moe key must then keep its default
   m.moe = _group()
@@ -276,6 +278,7 @@ _CHOICES = {
     'sharding': ('dp', 'zero1', 'fsdp', 'fsdp_tp', 'dp_fsdp_tp', 'ep'),
     'model.moe.router': ('softmax_topk', 'topk_softmax', 'sigmoid'),
     'model.moe.dispatch': ('dropless', 'capacity'),
+    'model.context_parallel': ('ring', 'allgather'),
 }
 _POSITIVE = ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every', 'eval_every',
              'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_in_a_row', 'model.vocab_size',

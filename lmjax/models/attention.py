@@ -10,6 +10,9 @@ Segment id 0 marks padding (and empty KV-cache slots). A query with no visible k
 `jax.shard_map`, manual over every mesh axis that is not manual already (pipeline stages run Blocks
 under their own `shard_map`): batch and heads are split as the logical-axis rules split
 'act_batch' and 'act_heads', everything else is whole on each device.
+
+When the current mesh splits the sequence (`context` axis > 1), self-attention runs as ring or
+all-gather attention (`model.context_parallel`, `lmjax.parallel.ring_attention`) over that axis.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from lmjax.parallel import target
+from lmjax.parallel import ring_attention, target
 
 IMPLEMENTATIONS = ('xla', 'pallas', 'cudnn')
 
@@ -67,7 +70,7 @@ def xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_BLS):
 
 def attention(q_BLHD, k_BSKD, v_BSKD, *, segment_ids_BL, positions_BL, kv_segment_ids_BS=None,
               kv_positions_BS=None, causal=True, sliding_window=0, impl='xla', prefix_k_BPKD=None,
-              prefix_v_BPKD=None):
+              prefix_v_BPKD=None, context_parallel='ring'):
   """Dispatches to `impl`.
 
   Without `kv_segment_ids_BS`/`kv_positions_BS` the keys are the queries' own tokens (training,
@@ -81,6 +84,9 @@ def attention(q_BLHD, k_BSKD, v_BSKD, *, segment_ids_BL, positions_BL, kv_segmen
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention: unknown implementation {impl!r}')
   if kv_segment_ids_BS is None:
+    if prefix_k_BPKD is None and target.axis_size(ring_attention.AXIS) > 1:
+      return _context_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, positions_BL, causal,
+                                sliding_window, impl, context_parallel)
     if impl == 'pallas' and prefix_k_BPKD is None:
       return _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window)
     if impl == 'cudnn' and prefix_k_BPKD is None:
@@ -125,6 +131,31 @@ def _kernel_spec(logical, mesh, sizes: dict, dims: tuple) -> PartitionSpec:
   return PartitionSpec(*entries)
 
 
+def _head_specs(q_BLHD, k_BSKD, v_BSKD, mesh, sizes, length_axis):
+  """(spec, k, v) for a shard_map: batch and heads split as the rules say, the length over
+  `length_axis` (or whole), one spec for q, k and v; k/v repeated to one per q head when they do
+  not split like the q heads."""
+  num_heads = q_BLHD.shape[2]
+  q_spec = _kernel_spec(('act_batch', None, 'act_heads', None), mesh, sizes, q_BLHD.shape)
+  heads_split = math.prod(sizes[axis] for axis in _axes(q_spec[2]))
+  if k_BSKD.shape[2] % heads_split:  # kv heads do not split like the q heads: one per q head
+    group = num_heads // k_BSKD.shape[2]
+    k_BSKD, v_BSKD = (jnp.repeat(x, group, axis=2) for x in (k_BSKD, v_BSKD))
+  return PartitionSpec(q_spec[0], length_axis, q_spec[2], None), k_BSKD, v_BSKD
+
+
+def _context_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, positions_BL, causal,
+                       sliding_window, impl, strategy):
+  """Ring / all-gather attention over the sequence split on the mesh's `context` axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  spec, k_BSKD, v_BSKD = _head_specs(q_BLHD, k_BSKD, v_BSKD, mesh, sizes, ring_attention.AXIS)
+  return ring_attention.context_attention(
+      q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, positions_BL, spec=spec,
+      context=sizes[ring_attention.AXIS], causal=causal, sliding_window=sliding_window,
+      strategy=strategy, impl=impl)
+
+
 def _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_window):
   """Flash attention on the target's backend, inside `shard_map` under a multi-device mesh."""
   from lmjax.kernels import flash_attention as flash  # pylint: disable=g-import-not-at-top
@@ -136,15 +167,9 @@ def _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, sliding_wi
   free = [axis for axis in sizes if axis not in mesh.manual_axes]
   if not any(sizes[axis] > 1 for axis in free):
     return kernel(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
-  num_heads = q_BLHD.shape[2]
-  q_spec = _kernel_spec(('act_batch', None, 'act_heads', None), mesh, sizes, q_BLHD.shape)
-  heads_split = math.prod(sizes[axis] for axis in _axes(q_spec[2]))
-  if k_BSKD.shape[2] % heads_split:  # kv heads do not split like the q heads: one per q head
-    group = num_heads // k_BSKD.shape[2]
-    k_BSKD, v_BSKD = (jnp.repeat(x, group, axis=2) for x in (k_BSKD, v_BSKD))
-  kv_spec = PartitionSpec(q_spec[0], None, q_spec[2], None)
+  q_spec, k_BSKD, v_BSKD = _head_specs(q_BLHD, k_BSKD, v_BSKD, mesh, sizes, None)
   seg_spec = PartitionSpec(q_spec[0], None)
-  return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+  return jax.shard_map(kernel, in_specs=(q_spec, q_spec, q_spec, seg_spec), out_specs=q_spec,
                        axis_names=set(free), check_vma=False)(q_BLHD, k_BSKD, v_BSKD,
                                                              segment_ids_BL)
 

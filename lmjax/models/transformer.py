@@ -83,6 +83,7 @@ class ModelConfig:
   rope_high_freq_factor: float = _SCHEMA.rope_high_freq_factor
   rope_original_max_len: int = _SCHEMA.rope_original_max_len
   logits_chunk: int = _SCHEMA.logits_chunk
+  context_parallel: str = _SCHEMA.context_parallel  # ring | allgather (mesh.context > 1)
   moe: MoeConfig = MoeConfig()  # num_experts = 0: every layer dense (lmjax.models.moe)
 
   @classmethod
@@ -162,7 +163,8 @@ class Attention(nn.Module):
           prefix_v_BPKD=jnp.broadcast_to(prefix['v'], (batch,) + prefix['v'].shape[-3:]))
     out_BLHD = attention_lib.attention(
         q_BLHD, k_BLKD, v_BLKD, segment_ids_BL=ctx['segment_ids'], positions_BL=ctx['positions'],
-        causal=True, sliding_window=cfg.sliding_window, impl=cfg.attention, **kv_mask_args)
+        causal=True, sliding_window=cfg.sliding_window, impl=cfg.attention,
+        context_parallel=cfg.context_parallel, **kv_mask_args)
     out_BLHD = checkpoint_name(out_BLHD, 'attention_out')  # saved by remat 'minimal'
     out_TD = out_BLHD.reshape(batch * length, h * dh) @ o_HdD.reshape(h * dh, d).astype(cfg.dtype)
     return out_TD, kv_cache

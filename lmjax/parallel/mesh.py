@@ -4,7 +4,8 @@ Every parameter and activation names its axes logically ('embed', 'heads', 'act_
 the rules of the `sharding` preset (see `sharding.py`) decide which mesh axes each name is split
 over. Mesh axes: `data` (batch split, params replicated), `fsdp` (batch split, params and optimizer
 state sharded), `tensor` (heads and MLP split), `pipeline` (layers split into stages), `expert`
-(MoE experts split, tokens exchanged with all-to-all; `lmjax.models.moe`).
+(MoE experts split, tokens exchanged with all-to-all; `lmjax.models.moe`), `context` (the sequence
+split, batches in zigzag order; ring or all-gather attention, `lmjax.parallel.ring_attention`).
 
 `mesh.<axis>` is the axis' total size; `mesh.dcn_<axis>` says how many of those are spread over
 slower links (several TPU slices, or several hosts of a GPU cluster). The device order comes from
@@ -26,7 +27,7 @@ from lmjax.parallel.sharding import BATCH_AXES, MESH_AXES, validate_parallelism 
 
 
 def device_grid(config, devices) -> np.ndarray:
-  """Devices arranged as the mesh: (data, fsdp, tensor, pipeline)."""
+  """Devices arranged as the mesh: MESH_AXES (data, fsdp, tensor, pipeline, expert, context)."""
   sizes = mesh_shape(config, len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   dcn = tuple(config.mesh.get(f'dcn_{axis}', 1) for axis in MESH_AXES)
@@ -99,4 +100,30 @@ def validate(config, num_devices: int) -> None:
   if m.logits_chunk and sizes['pipeline'] > 1:
     raise ConfigError('model.logits_chunk: not supported with pipeline stages (mesh.pipeline='
                       f'{sizes["pipeline"]}); set it to 0')
+  _validate_context(config, sizes)
   validate_parallelism(config, num_devices)  # presets, DCN factors, divisibility, pipeline
+
+
+def _validate_context(config, sizes) -> None:
+  """What context parallelism (mesh.context > 1) supports in this stage."""
+  context, m = sizes['context'], config.model
+  if context == 1:
+    return
+  if config.seq_len % (2 * context):
+    raise ConfigError(f'seq_len: {config.seq_len} is not divisible by 2 x mesh.context = '
+                      f'{2 * context} (the zigzag order cuts the sequence into 2 x context chunks)')
+  if m.attention == 'cudnn':
+    raise ConfigError(f'model.attention: cudnn does not run under mesh.context={context}; use xla '
+                      'or pallas')
+  if sizes['pipeline'] > 1:
+    raise ConfigError(f'mesh.context: {context} is not supported with pipeline stages '
+                      f'(mesh.pipeline={sizes["pipeline"]})')
+  if config.task not in ('pretrain', 'sft'):
+    raise ConfigError(f'mesh.context: {context} is supported for task=pretrain and sft, not '
+                      f'task={config.task}')
+  if m.moe.num_experts:
+    raise ConfigError(f'mesh.context: {context} is not supported with MoE layers '
+                      f'(model.moe.num_experts={m.moe.num_experts})')
+  if config.peft.method in config_lib.PEFT_IN_MODEL:
+    raise ConfigError(f'peft.method: {config.peft.method} (virtual tokens or prefixes) is not '
+                      f'supported with mesh.context={context}')

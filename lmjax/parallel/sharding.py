@@ -14,10 +14,13 @@ A preset (config key `sharding`) gives two rule lists over the same logical name
               expert                   data x fsdp x expert (expert parallelism, docs/moe.md)
 
 Every preset splits the batch over data x fsdp and stacked layers over `pipeline` (every preset
-may use `pipeline`). `sharding_rules` overrides single names: 'embed=fsdp,mlp=tensor,act_len='
-(`+` joins mesh axes, an empty value replicates). Everything is checked before compiling: a
-parameter axis name no rule covers, a rule naming no known axis, a mesh axis >1 the preset does not
-use, or a mesh axis that does not divide the dimension it splits is a one-line ConfigError.
+may use `pipeline`). With `mesh.context` > 1 (every preset may use it) the sequence is split too:
+'act_len' over `context`, and the merged (batch x length) tokens 'act_tokens' over the batch axes
+then `context` (`lmjax.parallel.ring_attention`, docs/parallelism.md). `sharding_rules` overrides
+single names: 'embed=fsdp,mlp=tensor,act_len=' (`+` joins mesh axes, an empty value replicates).
+Everything is checked before compiling: a parameter axis name no rule covers, a rule naming no
+known axis, a mesh axis >1 the preset does not use, or a mesh axis that does not divide the
+dimension it splits is a one-line ConfigError.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ PRESETS = ('dp', 'zero1', 'fsdp', 'fsdp_tp', 'dp_fsdp_tp', 'ep')
 DEFAULT_PRESET = 'dp_fsdp_tp'
 
 _PRESET_AXES = {
-    'dp': ('data', 'pipeline'),
-    'zero1': ('data', 'fsdp', 'pipeline'),
-    'fsdp': ('fsdp', 'pipeline'),
-    'fsdp_tp': ('fsdp', 'tensor', 'pipeline'),
-    'dp_fsdp_tp': ('data', 'fsdp', 'tensor', 'pipeline'),
-    'ep': ('data', 'fsdp', 'tensor', 'pipeline', 'expert'),
+    'dp': ('data', 'pipeline', 'context'),
+    'zero1': ('data', 'fsdp', 'pipeline', 'context'),
+    'fsdp': ('fsdp', 'pipeline', 'context'),
+    'fsdp_tp': ('fsdp', 'tensor', 'pipeline', 'context'),
+    'dp_fsdp_tp': ('data', 'fsdp', 'tensor', 'pipeline', 'context'),
+    'ep': ('data', 'fsdp', 'tensor', 'pipeline', 'expert', 'context'),
 }
 
 _SHARED = {'act_batch': BATCH_AXES, 'act_tokens': BATCH_AXES, 'act_len': None, 'act_embed': None,
@@ -115,9 +118,20 @@ def parse_rule_overrides(text: str) -> dict:
 def rules_from_config(config) -> tuple[tuple, tuple]:
   """The preset's rules with `sharding_rules` applied to both lists."""
   params, opt = preset_rules(config.sharding)
+  if config.mesh.get('context', 1) != 1:  # the sequence split over `context` (ring attention)
+    params, opt = (tuple((name, _with_context(name, axes)) for name, axes in rules)
+                   for rules in (params, opt))
   overrides = parse_rule_overrides(config.sharding_rules)
   apply = lambda rules: tuple((name, overrides.get(name, axes)) for name, axes in rules)
   return apply(params), apply(opt)
+
+
+def _with_context(name: str, axes):
+  """A rule with the sequence split over `context`: 'act_len' alone, 'act_tokens' after the batch
+  axes (a (batch x length) row index splits batch-major, then over the sequence)."""
+  if name == 'act_len':
+    return 'context'
+  return (*_axes_of(axes), 'context') if name == 'act_tokens' else axes
 
 
 def _axes_of(axes) -> tuple:
@@ -166,7 +180,7 @@ def validate_parallelism(config, num_devices: int) -> dict[str, int]:
       if name in ('act_batch', 'act_tokens'):
         shards = 1
         for axis in _axes_of(axes):
-          shards *= sizes[axis]
+          shards *= 1 if axis == 'context' else sizes[axis]  # context splits the length
         if rows % shards:
           key = 'pipeline_microbatches' if stages > 1 else rows_key
           raise ConfigError(f'{key}: micro-batches of {rows} sequences do not divide over the '

@@ -44,3 +44,12 @@ def device_count() -> int:
   if abstract is not None and not abstract.empty:
     return abstract.size
   return jax.device_count()
+
+
+def axis_size(name: str) -> int:
+  """The size of mesh axis `name` in the current mesh (`jax.set_mesh`); 1 when there is no such
+  axis or it is manual already (inside a `shard_map` over it)."""
+  abstract = jax.sharding.get_abstract_mesh()
+  if abstract is None or abstract.empty or name not in abstract.axis_names:
+    return 1
+  return 1 if name in abstract.manual_axes else dict(abstract.shape)[name]

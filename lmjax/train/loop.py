@@ -26,6 +26,7 @@ from lmjax import workdir as workdir_lib
 from lmjax.models import attention as attention_lib
 from lmjax.parallel import distributed as distributed_lib
 from lmjax.parallel import mesh as mesh_lib
+from lmjax.parallel import ring_attention
 from lmjax.parallel.pipeline import bubble_fraction
 from lmjax.perf import peak_flops
 from lmjax.scaling.flops import flops_per_token
@@ -78,15 +79,16 @@ def jit_programs(task, tx, schedule, mesh, abstract_state):
   return phases, train_fn, eval_fn
 
 
-def global_batch(batch: dict, sharding) -> dict:
-  """Assembles the global batch from this process's rows."""
+def global_batch(batch: dict, sharding, context: int = 1) -> dict:
+  """Assembles the global batch from this process's rows; with the sequence split over `context`
+  devices (mesh.context > 1), every array in zigzag order first (`ring_attention.zigzag`)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+          for k, v in ring_attention.zigzag(batch, context).items()}
 
 
 # model keys that do not change what the model computes: an init_from base may differ in them
 _FREE_MODEL_KEYS = ('attention', 'scan_layers', 'remat', 'dtype', 'param_dtype', 'init_std',
-                    'max_seq_len', 'logits_chunk')
+                    'max_seq_len', 'logits_chunk', 'context_parallel')
 
 
 def check_init_from(config, explicit: Collection[str] = ()) -> None:
@@ -171,7 +173,7 @@ def _run_loop(config, workdir, task, state, aux, train_iter, eval_batches, progr
   last_train, last_eval = {}, {}
   step_tokens = None  # (trained, forward-only) tokens per step, from the first batch's shape
   window = {'start': clock(), 'steps': 0}
-  to_device = lambda batch: global_batch(batch, batch_sharding)
+  to_device = lambda batch: global_batch(batch, batch_sharding, mesh.shape['context'])
 
   def flush(pending):
     """Fetches a dispatched step's metrics; logs them on log steps; checks the failure guard."""
