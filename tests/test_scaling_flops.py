@@ -41,7 +41,8 @@ def test_param_counts_match_hand_count():
   per_layer = q + k_and_v + o + mlp + norms  # 2336
   non_embedding = 2 * per_layer + 16  # + final norm = 4688
   assert flops.param_counts(small_config().model) == {
-      'total': 4688 + 2 * 100 * 16, 'embedding': 3200, 'non_embedding': 4688}
+      'total': 4688 + 2 * 100 * 16, 'embedding': 3200, 'non_embedding': 4688,
+      'active': 4688 + 2 * 100 * 16, 'active_non_embedding': 4688}  # dense: all active
   assert flops.param_counts(small_config(tie=True).model) == {
       'total': 4688 + 100 * 16, 'embedding': 1600, 'non_embedding': non_embedding}
 
