@@ -5,6 +5,7 @@ signal (chosen = a function that returns, rejected = a stub) is learnt well abov
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -41,10 +42,13 @@ def _log_softmax(x):
   return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+_forward = jax.jit(forward, static_argnums=0)
+
+
 def _target_logps(cfg, params, batch, prefix=''):
   """(rows, positions) log p(target) of the rows under plain `params`, in numpy (float64)."""
   get = lambda k: batch[prefix + k]
-  logits = np.asarray(forward(cfg, params, get('inputs'), get('positions'), get('segment_ids')),
+  logits = np.asarray(_forward(cfg, params, get('inputs'), get('positions'), get('segment_ids')),
                       np.float64)
   logp = np.take_along_axis(_log_softmax(logits), get('targets')[..., None], -1)[..., 0]
   return logp * get('weights')
@@ -114,7 +118,6 @@ def test_ppo_held_out_greedy_reward_and_kl():
   greedy completions decoded here one token at a time by full forward passes, their mean toy
   reward, k1 KL to the reference and length."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   from lmjax.train.state import init_state  # pylint: disable=g-import-not-at-top
   config = load_config(os.path.join(ROOT, 'configs', 'ppo_tiny.py'))
   apply_overrides(config, COMMON + ['eval_batches=1', 'post.kl_estimator=k1'])
@@ -134,8 +137,8 @@ def test_ppo_held_out_greedy_reward_and_kl():
   def logps(p, seq):  # right-padded to one width: causal attention ignores the padding
     padded = np.zeros((1, width), np.int32)
     padded[0, :len(seq)] = seq
-    logits = np.asarray(forward(task.model, p, padded, np.arange(width)[None],
-                                np.ones((1, width), np.int32))[0], np.float64) / temperature
+    logits = np.asarray(_forward(task.model, p, padded, np.arange(width)[None],
+                                 np.ones((1, width), np.int32))[0], np.float64) / temperature
     return _log_softmax(logits)[:len(seq)]
 
   rows, responses, kls, lengths = [], [], [], []
@@ -172,7 +175,6 @@ def test_dpo_family_eval_metrics_equal_numpy(loss_type):
   """`eval_sums` + `eval_metrics` of each DPO-family loss on a policy moved off its reference
   (full fine-tuning: the reference is the frozen copy), against numpy log-probs."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   from lmjax.config import base_config  # pylint: disable=g-import-not-at-top
   from lmjax.data import preference  # pylint: disable=g-import-not-at-top
   from lmjax.train.state import init_state  # pylint: disable=g-import-not-at-top
