@@ -44,7 +44,8 @@ def test_param_counts_match_hand_count():
       'total': 4688 + 2 * 100 * 16, 'embedding': 3200, 'non_embedding': 4688,
       'active': 4688 + 2 * 100 * 16, 'active_non_embedding': 4688}  # dense: all active
   assert flops.param_counts(small_config(tie=True).model) == {
-      'total': 4688 + 100 * 16, 'embedding': 1600, 'non_embedding': non_embedding}
+      'total': 4688 + 100 * 16, 'embedding': 1600, 'non_embedding': non_embedding,
+      'active': 4688 + 100 * 16, 'active_non_embedding': non_embedding}
 
 
 def test_flops_per_token_match_hand_count():
