@@ -7,6 +7,7 @@ Prints one JSON object (the results of every check) as its last stdout line.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import flax.linen as nn
@@ -151,7 +152,27 @@ def check_train():
   return results
 
 
-CHECKS = {'attention': check_attention, 'train': check_train}
+def check_loop():
+  """`lmjax.train.loop.train` (stdlib text, packed documents) at mesh.context=2 x data=4 and at
+  data=8: per-step train losses and the final eval loss (eval batches are zigzagged too)."""
+  from lmjax.train.loop import train  # pylint: disable=g-import-not-at-top
+  root = os.environ['RING_WORKDIR']
+  results = {}
+  for name, context in (('data8', 1), ('context2_data4', 2)):
+    config = config_for(context, **{'mesh.data': 8 // context, 'sharding': 'dp', 'steps': 3,
+                                    'batch_size': 8, 'log_every': 1, 'eval_batches': 1,
+                                    'eval_every': 100, 'checkpoint_every': 100,
+                                    'progress_bar': False})
+    workdir = os.path.join(root, name)
+    summary = train(config, workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+      records = [json.loads(line) for line in f]
+    results[name] = {'train': [r['loss'] for r in records if r['split'] == 'train'],
+                     'eval': summary['eval_loss']}
+  return results
+
+
+CHECKS = {'attention': check_attention, 'train': check_train, 'loop': check_loop}
 
 if __name__ == '__main__':
   print(json.dumps({name: CHECKS[name]() for name in sys.argv[1:]}))

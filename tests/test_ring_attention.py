@@ -21,13 +21,13 @@ ATOL = 1e-5  # float32 values and gradients
 
 
 @pytest.fixture(scope='module')
-def worker():
+def worker(tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.environ.get(
-      'PYTHONPATH')])))
+      'PYTHONPATH')])), RING_WORKDIR=str(tmp_path_factory.mktemp('ring')))
   env['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
                       '--xla_backend_optimization_level=0')
   proc = subprocess.run([sys.executable, os.path.join(TESTS, 'ring_attention_worker.py'),
-                         'attention', 'train'], env=env, capture_output=True, text=True,
+                         'attention', 'train', 'loop'], env=env, capture_output=True, text=True,
                         timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -79,6 +79,14 @@ def test_five_training_steps_equal_one_device(worker, layout):
   losses, reference = worker['train'][layout], worker['train']['reference']
   assert len(losses) == 5
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+def test_train_loop_zigzags_train_and_eval_batches(worker):
+  """`lmjax.train.loop.train` on stdlib text at mesh.context=2 x data=4 equals data=8."""
+  context, plain = worker['loop']['context2_data4'], worker['loop']['data8']
+  assert len(context['train']) == 3
+  np.testing.assert_allclose(context['train'], plain['train'], rtol=1e-5)
+  np.testing.assert_allclose(context['eval'], plain['eval'], rtol=1e-5)
 
 
 def _config(**overrides):
