@@ -90,7 +90,8 @@ def test_cli_runs_a_layout_from_config_alone(tmp_path):
   assert json.load(open(tmp_path / 'summary.json', encoding='utf-8'))['step'] == 2
 
 
-@pytest.mark.parametrize('preset', sharding_lib.PRESETS)
+# `ep` needs MoE layers (mesh.expert > 1 on a dense model is refused): tests/test_moe_parallel.py
+@pytest.mark.parametrize('preset', [p for p in sharding_lib.PRESETS if p != 'ep'])
 def test_preset_steps_equal_single_device(multi_device, preset):
   result = multi_device['presets'][preset]
   np.testing.assert_allclose(result['losses'], result['ref_losses'], rtol=RTOL)
