@@ -63,7 +63,10 @@ def rules(config) -> tuple[tuple, tuple]:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches of shape (batch, length) split over the data-like axes."""
+  """Batches of shape (batch, length) split over the data-like axes, and the (zigzag-ordered)
+  length over `context` when that axis is > 1."""
+  if dict(mesh.shape).get('context', 1) > 1:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, 'context'))
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 

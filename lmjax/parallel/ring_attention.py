@@ -130,6 +130,7 @@ def _ring(block, context, q_BLHD, k_BSKD, v_BSKD, seg_BL, pos_BL):
   kv = (k_BSKD, v_BSKD, seg_BL, pos_BL)
   shift = [(i, (i + 1) % context) for i in range(context)]
 
+  @jax.checkpoint  # the backward recomputes a step's blocks: it keeps only the carries
   def step(carry, s):
     acc, kv = carry
     kv = tuple(lax.ppermute(x, AXIS, shift) for x in kv)
