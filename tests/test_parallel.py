@@ -249,7 +249,7 @@ def test_rule_overrides_and_coverage(tiny_config):
   with pytest.raises(config_lib.ConfigError, match=r"no rule covers .*'mlp'"):
     sharding_lib.check_rule_coverage(boxed, without_mlp)
   with pytest.raises(config_lib.ConfigError, match='match no logical axis'):
-    sharding_lib.check_rule_coverage(boxed, params_rules + (('experts', 'fsdp'),))
+    sharding_lib.check_rule_coverage(boxed, params_rules + (('no_such_axis', 'fsdp'),))
 
 
 def test_every_activation_name_has_a_rule(tiny_config, monkeypatch):
