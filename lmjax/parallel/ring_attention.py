@@ -10,7 +10,9 @@ Two strategies (`model.context_parallel`), each inside `jax.shard_map` manual ov
   ring       K/V blocks with their segment ids and positions circulate with `ppermute` for C-1
              steps; each step attends the local q chunks to the visiting kv chunks and the partial
              results merge by the online-softmax rule in float32 (`flash_blocks.merge`). The
-             backward is autodiff through the ring (a ppermute transposes to the reverse ring).
+             backward (a custom VJP) runs the ring again, recomputing each block: dq stays, dK/dV
+             travel with their kv chunks and take one last step home; only the local q/k/v and
+             the merged (o, lse) are saved.
   allgather  K/V, segment ids and positions are all-gathered over `context`, then local attention:
              cheaper for short sequences and few kv heads (GQA/MQA).
 
@@ -109,37 +111,99 @@ def _chunk_ids(device, context: int):
   return device, 2 * context - 1 - device
 
 
-def _ring(block, context, q_BLHD, k_BSKD, v_BSKD, seg_BL, pos_BL):
-  """One device's ring: its 2 q chunks against every device's 2 kv chunks, merged in float32."""
+def _ring_layout(context, q_BLHD, seg_BL, pos_BL):
+  """(my device index, chunk length, my 2 q chunks as (q, seg, pos), their global offsets)."""
   me = lax.axis_index(AXIS)
   chunk = q_BLHD.shape[1] // 2
   queries = list(zip(*map(_halves, (q_BLHD, seg_BL, pos_BL))))
-  q_offsets = [c * chunk for c in _chunk_ids(me, context)]
+  return me, chunk, queries, [c * chunk for c in _chunk_ids(me, context)]
+
+
+def _visiting(kv, source, context: int, chunk: int):
+  """The two kv chunks (k, v, seg, pos) of device `source` and their global offsets."""
+  return list(zip(*map(_halves, kv))), [c * chunk for c in _chunk_ids(source, context)]
+
+
+def _shift(context: int):
+  return [(i, (i + 1) % context) for i in range(context)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring(block, context, q_BLHD, k_BSKD, v_BSKD, seg_BL, pos_BL):
+  """One device's ring: its 2 q chunks against every device's 2 kv chunks, merged in float32."""
+  return _ring_fwd(block, context, q_BLHD, k_BSKD, v_BSKD, seg_BL, pos_BL)[0]
+
+
+def _ring_fwd(block, context, q_BLHD, k_BSKD, v_BSKD, seg_BL, pos_BL):
+  me, chunk, queries, q_offsets = _ring_layout(context, q_BLHD, seg_BL, pos_BL)
 
   def attend(kv, source):
     """Per local q chunk, (o, lse) over the two kv chunks of device `source`."""
-    kv_chunks = list(zip(*map(_halves, kv)))
-    kv_offsets = [c * chunk for c in _chunk_ids(source, context)]
     out = []
     for q, q_offset in zip(queries, q_offsets):
       parts = [block(q, part, q_offset, kv_offset)
-               for part, kv_offset in zip(kv_chunks, kv_offsets)]
+               for part, kv_offset in zip(*_visiting(kv, source, context, chunk))]
       out.append(flash_blocks.merge(*parts[0], *parts[1]))
     return out
 
-  kv = (k_BSKD, v_BSKD, seg_BL, pos_BL)
-  shift = [(i, (i + 1) % context) for i in range(context)]
-
-  @jax.checkpoint  # the backward recomputes a step's blocks: it keeps only the carries
   def step(carry, s):
     acc, kv = carry
-    kv = tuple(lax.ppermute(x, AXIS, shift) for x in kv)
-    new = attend(kv, (me - s) % context)
-    acc = [flash_blocks.merge(*a, *b) for a, b in zip(acc, new)]
+    kv = tuple(lax.ppermute(x, AXIS, _shift(context)) for x in kv)
+    acc = [flash_blocks.merge(*a, *b) for a, b in zip(acc, attend(kv, (me - s) % context))]
     return (acc, kv), None
 
+  kv = (k_BSKD, v_BSKD, seg_BL, pos_BL)
   (acc, _), _ = lax.scan(step, (attend(kv, me), kv), jnp.arange(1, context))
-  return jnp.concatenate([o for o, _ in acc], axis=1).astype(q_BLHD.dtype)
+  out = jnp.concatenate([o for o, _ in acc], axis=1).astype(q_BLHD.dtype)
+  return out, (q_BLHD, k_BSKD, v_BSKD, seg_BL, pos_BL, acc)
+
+
+def _ring_bwd(block, context, residuals, do_BLHD):
+  """The ring again, recomputing each block: dq stays, dk/dv travel with their kv chunks and take
+  one last step home. A block's share of the merged output o = sum_b exp(lse_b - lse) o_b gets
+  the cotangents do_b = w do and dlse_b = w (rowsum(o_b do) - rowsum(o do)), w = exp(lse_b - lse),
+  which is the flash backward with the final lse."""
+  q_BLHD, k_BSKD, v_BSKD, seg_BL, pos_BL, acc = residuals
+  me, chunk, queries, q_offsets = _ring_layout(context, q_BLHD, seg_BL, pos_BL)
+  do_halves = _halves(do_BLHD.astype(jnp.float32))
+  rows = lambda a_BLHD, b_BLHD: jnp.swapaxes(jnp.sum(a_BLHD * b_BLHD, axis=-1), 1, 2)  # (B,H,L)
+  finals = [(lse, rows(o, do)) for (o, lse), do in zip(acc, do_halves)]
+
+  def grads(kv, source):
+    """(dq of my 2 q chunks, (dk, dv) of the visiting kv) from the 4 blocks of this step."""
+    chunks, kv_offsets = _visiting(kv, source, context, chunk)
+    dq = [jnp.zeros(q.shape, jnp.float32) for q, _, _ in queries]
+    dkv = [jnp.zeros(kv[0].shape, jnp.float32), jnp.zeros(kv[1].shape, jnp.float32)]
+    for i, (q, q_offset) in enumerate(zip(queries, q_offsets)):
+      lse, final_rows = finals[i]
+      for j, (part, kv_offset) in enumerate(zip(chunks, kv_offsets)):
+        fn = lambda q_, k_, v_, q=q, part=part, q_offset=q_offset, kv_offset=kv_offset: block(
+            (q_, *q[1:]), (k_, v_, *part[2:]), q_offset, kv_offset)
+        (o_b, lse_b), vjp = jax.vjp(fn, q[0], part[0], part[1])
+        w_BHL = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - lse), 0.0)
+        do_b = jnp.swapaxes(w_BHL, 1, 2)[..., None] * do_halves[i]
+        dq_b, dk_b, dv_b = vjp((do_b, w_BHL * (rows(o_b, do_halves[i]) - final_rows)))
+        dq[i] += dq_b.astype(jnp.float32)
+        half = slice(j * chunk, (j + 1) * chunk)
+        dkv = [dkv[0].at[:, half].add(dk_b.astype(jnp.float32)),
+               dkv[1].at[:, half].add(dv_b.astype(jnp.float32))]
+    return dq, dkv
+
+  def step(carry, s):
+    dq, kv, dkv = carry
+    kv, dkv = (tuple(lax.ppermute(x, AXIS, _shift(context)) for x in xs) for xs in (kv, dkv))
+    dq_s, dkv_s = grads(kv, (me - s) % context)
+    return ([a + b for a, b in zip(dq, dq_s)], kv, [a + b for a, b in zip(dkv, dkv_s)]), None
+
+  kv = (k_BSKD, v_BSKD, seg_BL, pos_BL)
+  dq, dkv = grads(kv, me)
+  (dq, _, dkv), _ = lax.scan(step, (dq, kv, dkv), jnp.arange(1, context))
+  dk, dv = (lax.ppermute(x, AXIS, _shift(context)) for x in dkv)
+  return (jnp.concatenate(dq, axis=1).astype(q_BLHD.dtype), dk.astype(k_BSKD.dtype),
+          dv.astype(v_BSKD.dtype), None, None)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _allgather(block, context, q_BLHD, k_BSKD, v_BSKD, seg_BL, pos_BL):
