@@ -68,6 +68,7 @@ def run_steps(config, host_batches, devices, grads_only=False, step_seconds=None
   task = tasks.from_config(config)
   tx, schedule = task.optimizer(config)
   batch_sharding = mesh_lib.batch_sharding(mesh)
+  to_device = lambda batch: global_batch(batch, batch_sharding, mesh.shape['context'])
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(mesh_lib.rules(config)[0])):
     create, abstract = build_state(task, tx, config.seed, mesh, mesh_lib.rules(config))
     state = create()
@@ -75,14 +76,14 @@ def run_steps(config, host_batches, devices, grads_only=False, step_seconds=None
     if grads_only:
       fn = jax.jit(lambda p, b: step_lib.accumulated_grads(task, p, b),
                    in_shardings=(shardings.params, batch_sharding))
-      return fn(state.params, global_batch(host_batches[0], batch_sharding)), state
+      return fn(state.params, to_device(host_batches[0])), state
     fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b),
                  in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)))
     losses = []
     for i, batch in enumerate(host_batches):
       start = time.perf_counter()
-      state, metrics = fn(state, global_batch(batch, batch_sharding))
+      state, metrics = fn(state, to_device(batch))
       losses.append(float(metrics['loss']))
       if step_seconds is not None and i:
         step_seconds.append(time.perf_counter() - start)

@@ -15,13 +15,10 @@ import jax
 import numpy as np
 
 from lmjax import config as config_lib
-from lmjax import tasks
 from lmjax.models import attention as attention_lib
 from lmjax.parallel import mesh as mesh_lib
 from lmjax.parallel import ring_attention
-from lmjax.train import step as step_lib
-from lmjax.train.loop import global_batch
-from lmjax.train.state import build_state
+from parallel_worker import run_steps  # tests/ is this script's folder
 
 # name -> (context, strategy, impl, causal, sliding_window, num_kv_heads); 4 q heads
 ATTENTION_CASES = {
@@ -115,24 +112,7 @@ def train_batches(config, count, seed=0):
 def train_losses(config, host_batches, devices):
   """Losses of len(host_batches) train steps under the config's mesh; batches reach the devices
   through the train loop's `global_batch` (zigzag order when mesh.context > 1)."""
-  mesh_lib.validate(config, len(devices))
-  mesh = mesh_lib.make_mesh(config, devices)
-  task = tasks.from_config(config)
-  tx, schedule = task.optimizer(config)
-  sharding = mesh_lib.batch_sharding(mesh)
-  rules = mesh_lib.rules(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules[0])):
-    create, abstract = build_state(task, tx, config.seed, mesh, rules)
-    state = create()
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    fn = jax.jit(lambda s, b: step_lib.train_step(task, tx, schedule, s, b),
-                 in_shardings=(shardings, sharding),
-                 out_shardings=(shardings, mesh_lib.replicated(mesh)))
-    losses = []
-    for batch in host_batches:
-      state, metrics = fn(state, global_batch(batch, sharding, mesh.shape['context']))
-      losses.append(float(metrics['loss']))
-  return losses
+  return run_steps(config, host_batches, devices)[0]
 
 
 TRAIN_LAYOUTS = {  # name -> (overrides, devices)
