@@ -107,16 +107,18 @@ def _glob_files(pattern: str) -> list[str]:
   return paths
 
 
-def _read_text_file(path: str) -> str:
+def _read_text_file(path: str, offset: int = 0, length: int = -1) -> str:
+  """`length` bytes of `path` from `offset` (all of it by default), decoded as UTF-8."""
   try:
     with open(path, 'rb') as f:
-      data = f.read()
+      f.seek(offset)
+      data = f.read(length)
   except OSError as e:
     raise DataError(f'{path}: cannot read: {e.strerror or e}') from None
   try:
     return data.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise DataError(f'{path}: not valid UTF-8 (byte {e.start})') from None
+    raise DataError(f'{path}: not valid UTF-8 (byte {offset + e.start})') from None
 
 
 def _jsonl_text(raw: bytes, path: str, line: int, text_field: str) -> str:
@@ -281,19 +283,8 @@ def split_eval(docs: list[DocRef], fraction: float) -> tuple[list[DocRef], list[
 
 def read_document(ref: DocRef, text_field: str) -> str:
   """The text of one document; raises DataError naming the file (and line)."""
-  if ref.line == 0 and ref.length >= 0:
-    try:
-      with open(ref.path, 'rb') as f:
-        f.seek(ref.offset)
-        data = f.read(ref.length)
-    except OSError as e:
-      raise DataError(f'{ref.path}: cannot read: {e.strerror or e}') from None
-    try:
-      return data.decode('utf-8')
-    except UnicodeDecodeError as e:
-      raise DataError(f'{ref.path}: not valid UTF-8 (byte {ref.offset + e.start})') from None
-  if ref.line == 0:
-    return _read_text_file(ref.path)
+  if ref.line == 0:  # a whole file, or a chunk of a one-file corpus
+    return _read_text_file(ref.path, *((ref.offset, ref.length) if ref.length >= 0 else ()))
   if ref.offset < 0:
     return _record_texts(ref.path, text_field)[ref.line - 1][1]
   try:
